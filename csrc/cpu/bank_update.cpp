@@ -1,0 +1,68 @@
+// CPU memory-bank momentum update (SPEC 1.1), deterministic with repeated indices.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <unordered_map>
+#include <vector>
+
+namespace instdisc {
+namespace {
+
+template <typename bank_t, typename acc_t>
+void update_rows(bank_t* mem, const int64_t* idx, const acc_t* feat, const std::vector<int64_t>& rows,
+                 int64_t D, acc_t m) {
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> v(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = rows[r];
+      bank_t* dst = mem + idx[b] * D;  // int64 offsets: N * D may exceed 2^31
+      const acc_t* f = feat + b * D;
+      acc_t ss = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        v[d] = m * static_cast<acc_t>(dst[d]) + (acc_t(1) - m) * f[d];
+        ss += v[d] * v[d];
+      }
+      const acc_t inv = acc_t(1) / std::sqrt(ss);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<bank_t>(v[d] * inv);
+    }
+  });
+}
+
+void bank_update_cpu(at::Tensor memory, const at::Tensor& indices, const at::Tensor& features,
+                     double momentum) {
+  TORCH_CHECK(memory.dim() == 2 && memory.is_contiguous(), "memory must be a contiguous (N, D) tensor");
+  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, "indices must be a 1-D int64 tensor");
+  TORCH_CHECK(features.dim() == 2 && features.size(0) == indices.size(0) && features.size(1) == memory.size(1),
+              "features must be (B, D) matching indices and memory");
+  const int64_t N = memory.size(0), D = memory.size(1), B = indices.size(0);
+  auto idx = indices.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(ip[b] >= 0 && ip[b] < N, "indices[", b, "] = ", ip[b], " is out of range [0, ", N, ")");
+
+  // Last occurrence in batch order wins: keep, per distinct index, its last row.
+  std::unordered_map<int64_t, int64_t> last;
+  last.reserve(B * 2);
+  for (int64_t b = 0; b < B; ++b) last[ip[b]] = b;
+  std::vector<int64_t> rows;
+  rows.reserve(last.size());
+  for (int64_t b = 0; b < B; ++b)
+    if (last[ip[b]] == b) rows.push_back(b);
+
+  const bool dbl = memory.scalar_type() == at::kDouble;
+  auto feat = features.to(dbl ? at::kDouble : at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, memory.scalar_type(), "bank_update_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    update_rows<scalar_t, acc_t>(memory.data_ptr<scalar_t>(), ip, feat.data_ptr<acc_t>(), rows, D,
+                                 static_cast<acc_t>(momentum));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instdisc, CPU, m) { m.impl("bank_update_", &bank_update_cpu); }
+
+}  // namespace instdisc

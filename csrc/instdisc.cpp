@@ -1,0 +1,42 @@
+// Operator schemas of the instdisc library: defined once here, implemented per
+// backend in csrc/cpu/ (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/ (CUDA).
+// Fake (meta) kernels and autograd formulas are registered from Python
+// (instdisc_kernels/ops/*.py), as in pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import instdisc_kernels._C` loads this shared library, which runs the
+// static TORCH_LIBRARY initialisers below. No Python functions are exported.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "instdisc C++/CUDA operators (torch.ops.instdisc)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(instdisc, m) {
+  // Memory-bank momentum update (SPEC 1.1), in place:
+  //   V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b]); last occurrence wins.
+  m.def("bank_update_(Tensor(a!) memory, Tensor indices, Tensor features, float momentum) -> ()");
+
+  // Fused sampled-negative NCE / InfoNCE forward (SPEC 1.1). Reads each bank row
+  // once and returns the loss, dloss/dfeatures (saved for backward) and the Z used.
+  //   neg_indices: (B, K) int64 or None (then drawn in-kernel from Philox(seed)).
+  //   z: (1,) float32; <= 0 means "estimate from this batch".
+  //   loss_type: 0 = lemniscate NCE, 1 = InfoNCE (softmax CE over the K+1 logits).
+  //   z_ema: 0 = off, else Z <- z_ema * Z + (1 - z_ema) * estimate.
+  //   noise_probs: (N,) float32 noise distribution for Pn (None: uniform 1/N).
+  m.def(
+      "nce_forward(Tensor features, Tensor memory, Tensor indices, Tensor? neg_indices, "
+      "Tensor z, Tensor seed, int num_negatives, float temperature, float proximal, "
+      "int loss_type, float z_ema, bool exclude_positive, Tensor? noise_probs) "
+      "-> (Tensor loss, Tensor grad_features, Tensor z_out)");
+
+  // lemniscate NCEAverage drop-in: P = exp(V[idx] . F / T) / Z (B x (K+1)) and
+  // its backward dF[b] = sum_k gP[b,k] * P[b,k] / T * V[idx[b,k]].
+  m.def("nce_probs(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
+        "-> (Tensor probs, Tensor z_out)");
+  m.def("nce_probs_backward(Tensor grad_probs, Tensor probs, Tensor memory, Tensor idx, "
+        "float temperature) -> Tensor");
+}

@@ -1,0 +1,91 @@
+"""Backend names, availability and the "auto" choice.
+
+backends: "reference" (eager PyTorch, any device), "cpu" (C++ kernels in
+instdisc_kernels._C), "triton" (Triton kernels on CUDA; on CPU tensors only
+under TRITON_INTERPRET=1, for tests), "cuda" (CUDA C++ kernels in _C).
+Each op module declares which backends it implements; ``resolve`` picks one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+@functools.lru_cache(None)
+def extension_loaded() -> bool:
+    try:
+        import instdisc_kernels._C  # noqa: F401  (registers torch.ops.instdisc.*)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """True when torch.ops.instdisc.<op_name> has a kernel for that dispatch key."""
+    if not extension_loaded():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"instdisc::{op_name}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def available(backend: str, device: torch.device, cpp_op: str | None = None, has_triton: bool = False) -> bool:
+    """Whether ``backend`` can run an op on ``device``.
+
+    cpp_op: the torch.ops.instdisc name whose C++ kernels implement "cpu"/"cuda".
+    has_triton: whether the op has a Triton implementation.
+    """
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and cpp_op is not None and has_kernel(cpp_op, "CPU")
+    if backend == "cuda":
+        return device.type == "cuda" and cpp_op is not None and has_kernel(cpp_op, "CUDA")
+    if backend == "triton":
+        if not has_triton or not triton_importable():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return False
+
+
+# On CUDA, "auto" tries these in order; benchmarks/RESULTS.md records why.
+CUDA_PREFERENCE = ["triton", "cuda", "reference"]
+
+
+def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None = None,
+            has_triton: bool = False) -> str:
+    """Resolve ``backend`` for an op on ``device``; clear error when unavailable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        order = ["cpu", "reference"] if device.type == "cpu" else CUDA_PREFERENCE
+        for cand in order:
+            if available(cand, device, cpp_op, has_triton):
+                return cand
+        return "reference"
+    if not available(backend, device, cpp_op, has_triton):
+        why = {
+            "cpu": "needs CPU tensors and the compiled extension instdisc_kernels._C",
+            "cuda": "needs CUDA tensors and an extension built with CUDA (INSTDISC_BUILD_CUDA=1)",
+            "triton": "needs CUDA tensors and triton installed (or TRITON_INTERPRET=1 for CPU tensors)",
+        }.get(backend, "")
+        raise ValueError(f"backend={backend!r} is not available for {op} on device {device}: {why}")
+    return backend

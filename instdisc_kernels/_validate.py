@@ -1,0 +1,100 @@
+"""Input checks, done once at the public boundary, before any bank row is written.
+
+Every error names the argument. Checks that read tensor values (index range,
+NaN/inf) synchronise with a GPU; callers pass ``values=False`` to skip them
+(the public ``validate=False``), and they are skipped while torch.compile traces.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _tracing() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float_matrix(name, t, *, dim=None):
+    check_tensor(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D ({'B' if name != 'memory' else 'N'}, D), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32/float64/bfloat16/float16), got {t.dtype}")
+    if dim is not None and t.shape[1] != dim:
+        raise ValueError(f"{name} has feature dim {t.shape[1]} but the memory bank has dim {dim}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def check_index_vector(name, t, length, num_rows, *, values=True):
+    check_tensor(name, t)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer (int64) tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if values:
+        check_index_range(name, t, num_rows)
+
+
+def check_index_range(name, t, num_rows):
+    if t.numel() == 0 or _tracing():
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_rows:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} contains {bad}, out of range [0, {num_rows})")
+
+
+def check_finite(name, t):
+    if _tracing():
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_same_device(**tensors):
+    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devs.items())
+        raise ValueError(f"all tensors must be on the same device: {desc}")
+
+
+def check_temperature(t, name="temperature"):
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {t!r}")
+
+
+def check_momentum(m, name="momentum"):
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not (0 <= m < 1):
+        raise ValueError(f"{name} must be in [0, 1), got {m!r}")
+
+
+def check_positive_int(v, name):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def check_nonneg_number(v, name):
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def check_features_memory_indices(features, memory, indices, *, values=True):
+    """The common (features, memory, indices) triple of the loss ops."""
+    check_float_matrix("memory", memory)
+    check_float_matrix("features", features, dim=memory.shape[1])
+    check_same_device(features=features, memory=memory, indices=indices)
+    check_index_vector("indices", indices, features.shape[0], memory.shape[0], values=values)
+    if values:
+        check_finite("features", features)

@@ -1,0 +1,51 @@
+"""``MemoryBank``: the N x D bank of InstDisc as an nn.Module buffer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _validate, reference
+from .ops.bank_update import bank_update_
+
+
+class MemoryBank(nn.Module):
+    """One feature per training image, a momentum average (SPEC 1.1).
+
+    init: "uniform" (lemniscate: U(-s, s), s = 1/sqrt(D/3), rows not normalised),
+    "normal" (Gaussian rows, L2-normalised) or "zeros".
+    """
+
+    def __init__(self, num_samples, dim, *, dtype=torch.float32, device=None, momentum=0.5, init="uniform",
+                 generator=None):
+        super().__init__()
+        _validate.check_positive_int(num_samples, "num_samples")
+        _validate.check_positive_int(dim, "dim")
+        _validate.check_momentum(momentum)
+        if dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if init == "uniform":
+            mem = reference.init_memory(num_samples, dim, generator=generator, dtype=dtype, device=device)
+        elif init == "normal":
+            mem = torch.randn(num_samples, dim, generator=generator, device=device)
+            mem = (mem / mem.norm(dim=1, keepdim=True)).to(dtype)
+        elif init == "zeros":
+            mem = torch.zeros(num_samples, dim, dtype=dtype, device=device)
+        else:
+            raise ValueError(f"init must be 'uniform', 'normal' or 'zeros', got {init!r}")
+        self.momentum = float(momentum)
+        self.register_buffer("memory", mem)
+
+    @property
+    def num_samples(self):
+        return self.memory.shape[0]
+
+    @property
+    def dim(self):
+        return self.memory.shape[1]
+
+    def update(self, indices, features, *, backend="auto", validate=True):
+        """V[y] <- normalize(m V[y] + (1-m) F); last occurrence wins on repeats."""
+        bank_update_(self.memory, indices, features, self.momentum, backend=backend, validate=validate)
+
+    def extra_repr(self):
+        return f"num_samples={self.num_samples}, dim={self.dim}, dtype={self.memory.dtype}, momentum={self.momentum}"

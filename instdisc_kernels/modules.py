@@ -1,0 +1,64 @@
+"""``InstDiscLoss``: an nn.Module owning the memory bank and Z."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _validate
+from .memory_bank import MemoryBank
+from .ops.nce import nce_loss
+from .ops.softmax import nonparametric_softmax_loss
+
+
+class InstDiscLoss(nn.Module):
+    """InstDisc loss with its memory bank.
+
+    ``forward(features, indices) -> loss`` computes the loss against the old
+    bank rows, then updates the bank (fused, in the same call).
+    num_negatives=0 selects the exact non-parametric softmax (SPEC 1.2).
+    z: "first-batch" (lemniscate), "ema" (moving average, factor z_ema) or a float.
+    """
+
+    def __init__(self, num_samples, dim=128, *, num_negatives=4096, temperature=0.07, momentum=0.5,
+                 z="first-batch", z_ema=0.99, proximal=0.0, bank_dtype=torch.float32, loss_type="nce",
+                 backend="auto", device=None, generator=None):
+        super().__init__()
+        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
+            raise ValueError(f"num_negatives must be an integer >= 0, got {num_negatives!r}")
+        _validate.check_temperature(temperature)
+        _validate.check_nonneg_number(proximal, "proximal")
+        if isinstance(z, str):
+            if z not in ("first-batch", "ema"):
+                raise ValueError(f"z must be 'first-batch', 'ema' or a positive float, got {z!r}")
+            z_init = -1.0
+        else:
+            _validate.check_temperature(z, "z")
+            z_init = float(z)
+        self.bank = MemoryBank(num_samples, dim, dtype=bank_dtype, device=device, momentum=momentum,
+                               generator=generator)
+        self.register_buffer("z", torch.tensor([z_init], dtype=torch.float32, device=device))
+        self.num_negatives = num_negatives
+        self.temperature = float(temperature)
+        self.z_mode = z if isinstance(z, str) else "fixed"
+        self.z_ema = float(z_ema)
+        self.proximal = float(proximal)
+        self.loss_type = loss_type
+        self.backend = backend
+        self.generator = generator
+
+    @property
+    def memory(self):
+        return self.bank.memory
+
+    def forward(self, features, indices):
+        if self.num_negatives == 0:
+            return nonparametric_softmax_loss(features, self.bank.memory, indices, temperature=self.temperature,
+                                              momentum=self.bank.momentum, backend=self.backend)
+        return nce_loss(features, self.bank.memory, indices, num_negatives=self.num_negatives,
+                        temperature=self.temperature, z=self.z, momentum=self.bank.momentum,
+                        proximal=self.proximal, generator=self.generator, loss_type=self.loss_type,
+                        z_ema=self.z_ema if self.z_mode == "ema" else None, backend=self.backend)
+
+    def extra_repr(self):
+        k = "exact softmax" if self.num_negatives == 0 else f"num_negatives={self.num_negatives}"
+        return f"{k}, temperature={self.temperature}, z={self.z_mode}, loss_type={self.loss_type}"

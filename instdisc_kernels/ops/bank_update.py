@@ -1,0 +1,73 @@
+"""Memory-bank momentum update (SPEC 1.1): ``bank_update_``.
+
+    V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b])
+
+computed in fp32 (fp64 for a float64 bank), rounded once to the bank dtype;
+with a repeated index the last occurrence in batch order wins.
+
+Implementations: "cpu"/"cuda" -> torch.ops.instdisc.bank_update_ (C++),
+"triton" -> torch.ops.instdisc.bank_update_triton_ (ops/bank_update_triton.py),
+"reference" -> torch.ops.instdisc.bank_update_reference_ (eager, below).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate
+
+
+@torch.library.custom_op("instdisc::bank_update_reference_", mutates_args=("memory",))
+def bank_update_reference_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor,
+                           momentum: float) -> None:
+    acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    B = indices.shape[0]
+    v = momentum * memory[indices].to(acc) + (1 - momentum) * features.to(acc)
+    v = v / v.pow(2).sum(1, keepdim=True).sqrt()
+    # Every duplicate writes the value of the last occurrence, so the result is
+    # deterministic even where index_copy_ is not (CUDA).
+    pos = torch.arange(B, device=indices.device)
+    same = indices.view(-1, 1) == indices.view(1, -1)
+    last = torch.where(same, pos.view(1, -1), -1).amax(1)
+    memory.index_copy_(0, indices, v[last].to(memory.dtype))
+
+
+@bank_update_reference_.register_fake
+def _(memory, indices, features, momentum):
+    return None
+
+
+try:
+    from . import bank_update_triton  # noqa: F401  (defines instdisc::bank_update_triton_)
+    _HAS_TRITON = hasattr(torch.ops.instdisc, "bank_update_triton_")
+except ImportError:
+    _HAS_TRITON = False
+
+if _backend.extension_loaded():
+    @torch.library.register_fake("instdisc::bank_update_")
+    def _(memory, indices, features, momentum):
+        return None
+
+
+def _op(backend):
+    return {
+        "reference": torch.ops.instdisc.bank_update_reference_,
+        "cpu": getattr(torch.ops.instdisc, "bank_update_", None),
+        "cuda": getattr(torch.ops.instdisc, "bank_update_", None),
+        "triton": getattr(torch.ops.instdisc, "bank_update_triton_", None),
+    }[backend]
+
+
+def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", validate=True):
+    """In-place momentum update of the memory bank rows ``indices`` with ``features``.
+
+    Deterministic with repeated indices (the last occurrence in batch order wins).
+    ``validate`` checks index ranges and NaN/inf (a GPU synchronisation).
+    """
+    _validate.check_features_memory_indices(features, memory, indices, values=validate)
+    _validate.check_momentum(momentum)
+    if not memory.is_contiguous():
+        raise ValueError("memory must be contiguous (it is updated in place)")
+    be = _backend.resolve(backend, memory.device, op="bank_update_", cpp_op="bank_update_", has_triton=_HAS_TRITON)
+    with torch.no_grad():
+        _op(be)(memory, indices.long().contiguous(), features.detach().contiguous(), float(momentum))
+    return memory

@@ -1,0 +1,267 @@
+"""Sampled-negative NCE / InfoNCE (SPEC 1.1): ``nce_loss`` and its ops.
+
+Op contract, shared by every backend (schema in csrc/instdisc.cpp)::
+
+    nce_forward(features (B,D), memory (N,D), indices (B,) int64,
+                neg_indices (B,K) int64 | None, z (1,) float32, seed (1,) int64,
+                num_negatives K, temperature T, proximal lambda, loss_type (0 nce, 1 infonce),
+                z_ema a (0 = off), exclude_positive, noise_probs (N,) float32 | None)
+        -> (loss 0-dim, grad_features (B,D), z_out (1,) float32)
+
+* loss and grad_features are float64 when features are float64, else float32.
+  grad_features is dloss/dfeatures, computed in the same pass as the loss;
+  backward only scales it by grad_output.
+* Z: if z[0] <= 0, Z = N * mean(exp(s/T)) over this batch's B*(K+1) scores;
+  elif z_ema > 0, Z = z_ema * z[0] + (1 - z_ema) * that estimate; else Z = z[0].
+  The loss uses that Z; z_out holds it. Z is a constant for the gradient.
+* neg_indices None: negatives drawn uniformly with replacement from [0, N)
+  (from [0, N) minus the positive when exclude_positive) with Philox(seed).
+* noise_probs: Pn per index (defaults to 1/N) in the NCE terms.
+* proximal: adds lambda/B * sum_b ||F[b] - V[y[b]]||^2 (and its gradient).
+* The memory bank is only read; the update is the separate op bank_update_.
+
+Implementations: "cpu"/"cuda" -> torch.ops.instdisc.nce_forward (C++),
+"triton" -> torch.ops.instdisc.nce_forward_triton (ops/nce_triton.py),
+"reference" -> torch.ops.instdisc.nce_forward_reference (eager, below).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate
+from .bank_update import bank_update_
+
+LOSS_TYPES = {"nce": 0, "infonce": 1}
+EPS = 1e-7
+
+
+def _opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- #
+# Eager implementation ("reference" backend): readable, any device             #
+# --------------------------------------------------------------------------- #
+@torch.library.custom_op("instdisc::nce_forward_reference", mutates_args=())
+def nce_forward_reference(
+    features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, neg_indices: torch.Tensor | None,
+    z: torch.Tensor, seed: torch.Tensor, num_negatives: int, temperature: float, proximal: float,
+    loss_type: int, z_ema: float, exclude_positive: bool, noise_probs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if neg_indices is None:
+        raise ValueError("the reference backend needs explicit neg_indices (nce_loss draws them)")
+    acc = _opmath(features.dtype)
+    B, N = features.shape[0], memory.shape[0]
+    K = num_negatives
+    T = temperature
+    F = features.to(acc)
+    idx = torch.cat([indices.view(-1, 1), neg_indices], dim=1)          # B x (K+1)
+    Vg = memory[idx].to(acc)                                            # B x (K+1) x D
+    s = torch.einsum("bkd,bd->bk", Vg, F)
+    z_out = z.to(torch.float32).clone()
+    if loss_type == 1:                                                 # InfoNCE
+        logits = s / T
+        loss = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+        w = torch.softmax(logits, 1)
+        w[:, 0] -= 1
+        coef = w / (B * T)
+    else:                                                              # lemniscate NCE
+        e = torch.exp(s / T)
+        est = N * e.mean()
+        zc = z_out[0].to(acc)
+        Z = torch.where(zc <= 0, est, z_ema * zc + (1 - z_ema) * est if z_ema > 0 else zc)
+        z_out = Z.to(torch.float32).reshape(1)
+        P = e / Z
+        if noise_probs is None:
+            c = torch.full_like(P, K / N + EPS)
+        else:
+            c = K * noise_probs[idx].to(acc) + EPS
+        ln_pos = torch.log(P[:, 0] / (P[:, 0] + c[:, 0]))
+        ln_neg = torch.log((c[:, 1:] - EPS) / (P[:, 1:] + c[:, 1:]))
+        loss = -(ln_pos.sum() + ln_neg.sum()) / B
+        dP = torch.empty_like(P)
+        dP[:, 0] = -c[:, 0] / (P[:, 0] * (P[:, 0] + c[:, 0]))
+        dP[:, 1:] = 1.0 / (P[:, 1:] + c[:, 1:])
+        coef = dP * P / (T * B)
+    grad = torch.einsum("bk,bkd->bd", coef, Vg)
+    if proximal > 0:
+        diff = F - memory[indices].to(acc)
+        loss = loss + proximal * (diff * diff).sum() / B
+        grad = grad + 2 * proximal * diff / B
+    return loss, grad, z_out
+
+
+def _nce_forward_fake(features, memory, indices, neg_indices, z, seed, num_negatives, temperature,
+                      proximal, loss_type, z_ema, exclude_positive, noise_probs):
+    acc = _opmath(features.dtype)
+    return (features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc),
+            z.new_empty((1,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    features = inputs[0]
+    ctx.save_for_backward(output[1])
+    ctx.features_dtype = features.dtype
+
+
+def _backward(ctx, grad_loss, grad_grad, grad_z):
+    (g,) = ctx.saved_tensors
+    grad_features = (grad_loss.to(g.dtype) * g).to(ctx.features_dtype)
+    return (grad_features,) + (None,) * 12
+
+
+def _register(opname):
+    torch.library.register_fake(opname)(_nce_forward_fake)
+    torch.library.register_autograd(opname, _backward, setup_context=_setup_context)
+
+
+_register("instdisc::nce_forward_reference")
+if _backend.extension_loaded():
+    _register("instdisc::nce_forward")
+try:
+    from . import nce_triton  # noqa: F401  (defines instdisc::nce_forward_triton)
+    _HAS_TRITON = hasattr(torch.ops.instdisc, "nce_forward_triton")
+except ImportError:
+    _HAS_TRITON = False
+if _HAS_TRITON:
+    _register("instdisc::nce_forward_triton")
+
+
+def _forward_op(backend):
+    return {
+        "reference": torch.ops.instdisc.nce_forward_reference,
+        "cpu": getattr(torch.ops.instdisc, "nce_forward", None),
+        "cuda": getattr(torch.ops.instdisc, "nce_forward", None),
+        "triton": getattr(torch.ops.instdisc, "nce_forward_triton", None),
+    }[backend]
+
+
+def resolve_backend(backend, device):
+    return _backend.resolve(backend, device, op="nce_loss", cpp_op="nce_forward", has_triton=_HAS_TRITON)
+
+
+# --------------------------------------------------------------------------- #
+# Negatives                                                                    #
+# --------------------------------------------------------------------------- #
+def draw_negatives(indices, num_samples, num_negatives, *, generator=None, exclude_positive=False,
+                   noise_probs=None):
+    """(B, K) int64 negatives, uniform with replacement (or from noise_probs)."""
+    B = indices.shape[0]
+    dev = indices.device
+    if noise_probs is not None:
+        flat = torch.multinomial(noise_probs, B * num_negatives, replacement=True, generator=generator)
+        return flat.view(B, num_negatives)
+    if exclude_positive:
+        if num_samples < 2:
+            raise ValueError("exclude_positive needs a memory bank with at least 2 rows")
+        neg = torch.randint(0, num_samples - 1, (B, num_negatives), generator=generator, device=dev)
+        return neg + (neg >= indices.view(-1, 1)).long()        # skip the positive, stay uniform
+    return torch.randint(0, num_samples, (B, num_negatives), generator=generator, device=dev)
+
+
+def _seed_tensor(generator, device):
+    dev = generator.device if generator is not None else device
+    return torch.randint(0, 2**62, (1,), generator=generator, device=dev, dtype=torch.int64).to(device)
+
+
+def _z_tensor(z, device):
+    """(state tensor or None, (1,) float32 input tensor)."""
+    if z is None:
+        return None, torch.zeros(1, dtype=torch.float32, device=device)
+    if isinstance(z, torch.Tensor):
+        if z.numel() != 1 or not z.is_floating_point():
+            raise ValueError(f"z must be a float, None, or a 1-element floating tensor, got shape {tuple(z.shape)}")
+        if z.device != device:
+            raise ValueError(f"z is on {z.device} but features are on {device}")
+        return z, z.detach().reshape(1).to(torch.float32)
+    if isinstance(z, bool) or not isinstance(z, (int, float)):
+        raise TypeError(f"z must be a float, None or a tensor, got {type(z).__name__}")
+    return None, torch.full((1,), float(z), dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------- #
+# Public function                                                              #
+# --------------------------------------------------------------------------- #
+def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07, z=None, momentum=0.5,
+             proximal=0.0, neg_indices=None, update_memory=True, generator=None, loss_type="nce",
+             z_ema=None, validate=True, backend="auto", exclude_positive=False, noise_probs=None):
+    """Sampled-negative NCE loss of InstDisc (SPEC 1.1), fused with the bank update.
+
+    Args:
+        features: (B, D) L2-normalised features (requires grad in training).
+        memory: (N, D) memory bank (float32/bfloat16/float16); updated in place
+            after the loss has read the old rows when ``update_memory``.
+        indices: (B,) int64 dataset indices (the positives).
+        num_negatives: K, negatives per sample (ignored if ``neg_indices``).
+        temperature: T.
+        z: normalisation constant. A float; a 1-element float tensor used as
+            state (a value <= 0 means "estimate from this batch and store it
+            here"); or None (estimate from this batch, store nothing).
+        momentum: bank momentum m.
+        proximal: lambda of the proximal term (0 disables it).
+        neg_indices: optional explicit (B, K) int64 negatives.
+        update_memory: apply V[y] <- normalize(m V[y] + (1-m) F) after the loss.
+        generator: torch.Generator for the negatives (reproducible runs).
+        loss_type: "nce" (lemniscate, default) or "infonce" (softmax CE over K+1 logits).
+        z_ema: moving-average factor for Z (e.g. 0.99) when ``z`` is a state tensor.
+        validate: check index ranges and NaN/inf (costs a GPU synchronisation);
+            shapes, dtypes and hyper-parameters are always checked.
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        exclude_positive: never draw the positive as a negative.
+        noise_probs: optional (N,) noise distribution (sums to 1) instead of uniform.
+    Returns:
+        0-dim loss tensor (float32; float64 for float64 features).
+    """
+    _validate.check_features_memory_indices(features, memory, indices, values=validate)
+    N = memory.shape[0]
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be 'nce' or 'infonce', got {loss_type!r}")
+    _validate.check_temperature(temperature)
+    _validate.check_momentum(momentum)
+    _validate.check_nonneg_number(proximal, "proximal")
+    if z_ema is not None and (isinstance(z_ema, bool) or not isinstance(z_ema, (int, float)) or not 0 < z_ema < 1):
+        raise ValueError(f"z_ema must be in (0, 1) or None, got {z_ema!r}")
+    if neg_indices is not None:
+        _validate.check_tensor("neg_indices", neg_indices)
+        if neg_indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"neg_indices must be an integer (int64) tensor, got {neg_indices.dtype}")
+        if neg_indices.dim() != 2 or neg_indices.shape[0] != features.shape[0] or neg_indices.shape[1] < 1:
+            raise ValueError(f"neg_indices must have shape (B={features.shape[0]}, K>=1), got {tuple(neg_indices.shape)}")
+        _validate.check_same_device(features=features, neg_indices=neg_indices)
+        if validate:
+            _validate.check_index_range("neg_indices", neg_indices, N)
+        neg_indices = neg_indices.long().contiguous()
+        num_negatives = neg_indices.shape[1]
+    else:
+        _validate.check_positive_int(num_negatives, "num_negatives")
+    if noise_probs is not None:
+        _validate.check_tensor("noise_probs", noise_probs)
+        if noise_probs.shape != (N,) or not noise_probs.is_floating_point():
+            raise ValueError(f"noise_probs must be a floating tensor of shape ({N},), got {tuple(noise_probs.shape)}")
+        _validate.check_same_device(features=features, noise_probs=noise_probs)
+        if validate and (not bool(torch.isfinite(noise_probs).all()) or bool((noise_probs < 0).any())
+                         or float(noise_probs.sum()) <= 0):
+            raise ValueError("noise_probs must be finite, non-negative and not all zero")
+        if exclude_positive:
+            raise ValueError("exclude_positive is only supported with uniform noise (noise_probs=None)")
+        noise_probs = (noise_probs / noise_probs.sum()).to(torch.float32).contiguous()
+    if exclude_positive and N < 2:
+        raise ValueError("exclude_positive needs a memory bank with at least 2 rows")
+    z_state, z_in = _z_tensor(z, features.device)
+    be = resolve_backend(backend, features.device)
+
+    indices = indices.long().contiguous()
+    if neg_indices is None and (be == "reference" or noise_probs is not None):
+        neg_indices = draw_negatives(indices, N, num_negatives, generator=generator,
+                                     exclude_positive=exclude_positive, noise_probs=noise_probs)
+    seed = _seed_tensor(generator, features.device)
+    loss, _, z_out = _forward_op(be)(
+        features.contiguous(), memory, indices, neg_indices, z_in, seed, int(num_negatives),
+        float(temperature), float(proximal), LOSS_TYPES[loss_type], float(z_ema or 0.0),
+        bool(exclude_positive), noise_probs)
+    if z_state is not None and loss_type == "nce":
+        with torch.no_grad():
+            z_state.copy_(z_out.reshape(z_state.shape))
+    if update_memory:
+        bank_update_(memory, indices, features.detach(), momentum, backend=be, validate=False)
+    return loss

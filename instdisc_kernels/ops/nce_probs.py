@@ -1,0 +1,59 @@
+"""The probabilities P = exp(V[idx] . F / T) / Z of lemniscate's NCEAverage and
+their backward dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] (SPEC 1.1, 5).
+
+Used by the drop-in modules (instdisc_kernels/lemniscate.py), which must
+return the B x (K+1) probabilities. Implementations: "cpu"/"cuda" ->
+torch.ops.instdisc.nce_probs / nce_probs_backward (C++), "triton" ->
+*_triton variants when ops/nce_triton.py defines them, "reference" -> eager.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+
+
+def _opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def probs_reference(features, memory, idx, z, temperature):
+    acc = _opmath(features.dtype)
+    s = torch.einsum("bkd,bd->bk", memory[idx].to(acc), features.to(acc))
+    e = torch.exp(s / temperature)
+    zc = z.reshape(()).to(acc)
+    Z = torch.where(zc <= 0, memory.shape[0] * e.mean(), zc)
+    return e / Z, Z.to(torch.float32).reshape(1)
+
+
+def probs_backward_reference(grad_probs, probs, memory, idx, temperature):
+    coef = grad_probs.to(probs.dtype) * probs / temperature
+    return torch.einsum("bk,bkd->bd", coef, memory[idx].to(probs.dtype))
+
+
+def _has_triton(name):
+    try:
+        from . import nce_triton  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops.instdisc, name)
+
+
+def resolve(backend, device):
+    return _backend.resolve(backend, device, op="NCEAverage", cpp_op="nce_probs",
+                            has_triton=_has_triton("nce_probs_triton"))
+
+
+def nce_probs(features, memory, idx, z, temperature, backend):
+    if backend == "reference":
+        return probs_reference(features, memory, idx, z, temperature)
+    op = torch.ops.instdisc.nce_probs_triton if backend == "triton" else torch.ops.instdisc.nce_probs
+    return op(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(), float(temperature))
+
+
+def nce_probs_backward(grad_probs, probs, memory, idx, temperature, backend):
+    if backend == "reference":
+        return probs_backward_reference(grad_probs, probs, memory, idx, temperature)
+    op = (torch.ops.instdisc.nce_probs_backward_triton if backend == "triton"
+          else torch.ops.instdisc.nce_probs_backward)
+    return op(grad_probs.contiguous(), probs.contiguous(), memory, idx.contiguous(), float(temperature))

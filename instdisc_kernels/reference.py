@@ -1,0 +1,181 @@
+"""Float64 oracle: every op of ../shared/SPEC.md written literally in plain PyTorch.
+
+This module is what every kernel is tested against. It is written to read like
+the spec, not to be fast: it gathers the full B x (K+1) x D tensor, builds the
+full B x N logits and the full Q x N similarity matrix. Every function computes
+in float64 (inputs are upcast) and returns float64 tensors, except the memory
+update which writes back in the bank's own dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-7  # lemniscate's NCECriterion eps
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+# --------------------------------------------------------------------------- #
+# Bank initialisation and negatives                                            #
+# --------------------------------------------------------------------------- #
+def init_memory(num_samples: int, dim: int, *, generator=None, dtype=torch.float32, device=None):
+    """lemniscate's init: uniform(-s, s) with s = 1/sqrt(D/3); rows not normalised."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    mem = torch.rand(num_samples, dim, generator=generator, dtype=torch.float32, device=device)
+    return (mem * (2 * stdv) - stdv).to(dtype)
+
+
+def index_matrix(indices: torch.Tensor, neg_indices: torch.Tensor) -> torch.Tensor:
+    """idx (B x (K+1)): column 0 the positive, columns 1..K the negatives."""
+    return torch.cat([indices.view(-1, 1), neg_indices], dim=1)
+
+
+# --------------------------------------------------------------------------- #
+# SPEC 1.1: sampled-negative NCE                                               #
+# --------------------------------------------------------------------------- #
+def nce_scores(features, memory, idx):
+    """s[b,k] = V[idx[b,k]] . F[b]   (B x (K+1), float64)."""
+    V = _f64(memory)[idx]                       # B x (K+1) x D: the gathered tensor
+    F = _f64(features)
+    return torch.einsum("bkd,bd->bk", V, F)
+
+
+def estimate_z(scores, temperature, num_samples):
+    """Z = N * mean over all B*(K+1) entries of exp(s/T)."""
+    return num_samples * torch.exp(scores / temperature).mean()
+
+
+def ema_z(z_old, scores, temperature, num_samples, factor):
+    """Z <- a*Z + (1-a)*N*mean(exp(s/T)); the first estimate when Z is unset (<= 0)."""
+    est = estimate_z(scores, temperature, num_samples)
+    if z_old is None or float(z_old) <= 0:
+        return est
+    return factor * float(z_old) + (1 - factor) * est
+
+
+def nce_probs(features, memory, idx, temperature, z):
+    """P[b,k] = exp(s[b,k]/T) / Z."""
+    return torch.exp(nce_scores(features, memory, idx) / temperature) / z
+
+
+def nce_criterion(probs, num_samples):
+    """lemniscate's NCECriterion: summed over negatives, divided by B only."""
+    B, K1 = probs.shape
+    K = K1 - 1
+    Pn = 1.0 / num_samples
+    p_pos, p_neg = probs[:, 0], probs[:, 1:]
+    ln_pos = torch.log(p_pos / (p_pos + K * Pn + EPS))
+    ln_neg = torch.log((K * Pn) / (p_neg + K * Pn + EPS))
+    return -(ln_pos.sum() + ln_neg.sum()) / B
+
+
+def nce_loss_value(features, memory, idx, temperature, z):
+    """The NCE loss (SPEC 1.1) of features against the bank rows idx, for a fixed Z."""
+    return nce_criterion(nce_probs(features, memory, idx, temperature, z), memory.shape[0])
+
+
+def nce_grad(features, memory, idx, temperature, z):
+    """dloss/dF[b] = sum_k dloss/dP[b,k] * P[b,k] / T * V[idx[b,k]] (hand-derived)."""
+    N = memory.shape[0]
+    B, K1 = idx.shape
+    K = K1 - 1
+    c = K / N + EPS
+    P = nce_probs(features, memory, idx, temperature, z)
+    # d/dP of -log(P/(P+c)) = -c/(P(P+c));  of -log(K Pn/(P+c)) = 1/(P+c)
+    dP = torch.empty_like(P)
+    dP[:, 0] = -c / (P[:, 0] * (P[:, 0] + c))
+    dP[:, 1:] = 1.0 / (P[:, 1:] + c)
+    coef = dP * P / temperature / B
+    return torch.einsum("bk,bkd->bd", coef, _f64(memory)[idx])
+
+
+def infonce_loss_value(features, memory, idx, temperature):
+    """(1/B) sum_b [ logsumexp_k(s[b,k]/T) - s[b,0]/T ]."""
+    logits = nce_scores(features, memory, idx) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def infonce_grad(features, memory, idx, temperature):
+    """(1/(B T)) sum_k (softmax_k(s[b]/T) - [k=0]) V[idx[b,k]]."""
+    B = idx.shape[0]
+    logits = nce_scores(features, memory, idx) / temperature
+    w = torch.softmax(logits, dim=1)
+    w[:, 0] -= 1.0
+    return torch.einsum("bk,bkd->bd", w, _f64(memory)[idx]) / (B * temperature)
+
+
+def proximal_value(features, memory, indices, lam):
+    """lambda * (1/B) * sum_b ||F[b] - V_old[y[b]]||^2."""
+    diff = _f64(features) - _f64(memory)[indices]
+    return lam * (diff * diff).sum() / features.shape[0]
+
+
+def proximal_grad(features, memory, indices, lam):
+    diff = _f64(features) - _f64(memory)[indices]
+    return 2.0 * lam * diff / features.shape[0]
+
+
+# --------------------------------------------------------------------------- #
+# Memory update                                                                #
+# --------------------------------------------------------------------------- #
+def updated_rows(features, memory, indices, momentum):
+    """normalize(m * V_old[y[b]] + (1-m) * F[b]) for every batch row, in float64."""
+    v = momentum * _f64(memory)[indices] + (1 - momentum) * _f64(features)
+    return v / v.pow(2).sum(1, keepdim=True).pow(0.5)
+
+
+def memory_update_(memory, indices, features, momentum):
+    """In place; with a repeated index the last occurrence in batch order wins."""
+    new = updated_rows(features, memory, indices, momentum)
+    for b in range(indices.shape[0]):        # sequential: last occurrence wins
+        memory[indices[b]] = new[b].to(memory.dtype)
+    return memory
+
+
+# --------------------------------------------------------------------------- #
+# SPEC 1.2: exact non-parametric softmax                                       #
+# --------------------------------------------------------------------------- #
+def softmax_logits(features, memory, temperature):
+    return _f64(features) @ _f64(memory).t() / temperature        # B x N
+
+
+def softmax_loss_value(features, memory, indices, temperature):
+    logits = softmax_logits(features, memory, temperature)
+    picked = logits.gather(1, indices.view(-1, 1)).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - picked).mean()
+
+
+def softmax_grad(features, memory, indices, temperature):
+    B = features.shape[0]
+    V = _f64(memory)
+    p = torch.softmax(softmax_logits(features, memory, temperature), dim=1)
+    return (p @ V - V[indices]) / (temperature * B)
+
+
+# --------------------------------------------------------------------------- #
+# SPEC 1.3: weighted kNN                                                       #
+# --------------------------------------------------------------------------- #
+def knn_scores(queries, bank, bank_labels, k, temperature, num_classes):
+    """Class scores (Q x C): sum over the top-k neighbours of exp(sim / sigma).
+
+    Ties in similarity go to the lower bank index (stable sort)."""
+    sim = _f64(queries) @ _f64(bank).t()                          # Q x N
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    top_sim = sim.gather(1, order)
+    top_lab = bank_labels[order]
+    scores = torch.zeros(queries.shape[0], num_classes, dtype=torch.float64, device=queries.device)
+    scores.scatter_add_(1, top_lab, torch.exp(top_sim / temperature))
+    return scores
+
+
+def knn_topk_accuracy(scores, labels):
+    """(top-1, top-5) accuracy in percent from class scores."""
+    k5 = min(5, scores.shape[1])
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    top1 = (order[:, 0] == labels).double().mean().item() * 100
+    top5 = (order[:, :k5] == labels.view(-1, 1)).any(1).double().mean().item() * 100
+    return top1, top5

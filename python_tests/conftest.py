@@ -1,0 +1,23 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; this must be set
+# before any @triton.jit function is defined or launched.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (runs in benchmarks/run_gpu.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
