@@ -47,15 +47,20 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
         return False
 
 
-def available(backend: str, device: torch.device, cpp_op: str | None = None, has_triton: bool = False) -> bool:
+def available(backend: str, device: torch.device, cpp_op: str | None = None, has_triton: bool = False,
+              cpu_impl: bool = False) -> bool:
     """Whether ``backend`` can run an op on ``device``.
 
     cpp_op: the torch.ops.instdisc name whose C++ kernels implement "cpu"/"cuda".
     has_triton: whether the op has a Triton implementation.
+    cpu_impl: the op's "cpu" backend is implemented without a C++ kernel
+        (e.g. chunked ATen/oneDNN matmuls), so it is available on any CPU tensor.
     """
     if backend == "reference":
         return True
     if backend == "cpu":
+        if device.type == "cpu" and cpu_impl:
+            return True
         return device.type == "cpu" and cpp_op is not None and has_kernel(cpp_op, "CPU")
     if backend == "cuda":
         return device.type == "cuda" and cpp_op is not None and has_kernel(cpp_op, "CUDA")
@@ -71,17 +76,17 @@ CUDA_PREFERENCE = ["triton", "cuda", "reference"]
 
 
 def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None = None,
-            has_triton: bool = False) -> str:
+            has_triton: bool = False, cpu_impl: bool = False) -> str:
     """Resolve ``backend`` for an op on ``device``; clear error when unavailable."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         order = ["cpu", "reference"] if device.type == "cpu" else CUDA_PREFERENCE
         for cand in order:
-            if available(cand, device, cpp_op, has_triton):
+            if available(cand, device, cpp_op, has_triton, cpu_impl):
                 return cand
         return "reference"
-    if not available(backend, device, cpp_op, has_triton):
+    if not available(backend, device, cpp_op, has_triton, cpu_impl):
         why = {
             "cpu": "needs CPU tensors and the compiled extension instdisc_kernels._C",
             "cuda": "needs CUDA tensors and an extension built with CUDA (INSTDISC_BUILD_CUDA=1)",
