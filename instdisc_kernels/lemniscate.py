@@ -37,14 +37,19 @@ class _NCEFunction(torch.autograd.Function):
         if float(params[2]) < 0:
             params[2] = z_out.to(params.dtype).reshape(())
             print("normalization constant Z is set to {:.1f}".format(float(params[2])))
-        ctx.save_for_backward(x.detach(), y, memory, idx, probs)
+        # The bank is held by reference, not saved: it is updated in place in
+        # backward. The gradient reads its rows at backward time, which are the
+        # forward-time rows unless another backward updated them in between.
+        ctx.save_for_backward(x.detach(), y, idx, probs)
+        ctx.memory = memory
         ctx.T, ctx.momentum, ctx.backend = T, momentum, backend
         del K
         return probs.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, memory, idx, probs = ctx.saved_tensors
+        x, y, idx, probs = ctx.saved_tensors
+        memory = ctx.memory
         grad_x = _probs.nce_probs_backward(grad_out, probs, memory, idx, ctx.T, ctx.backend)
         # then update the bank from the old rows, as lemniscate does in backward
         bank_update_(memory, y, x, ctx.momentum, backend=_backend_for_update(ctx.backend), validate=False)
@@ -116,13 +121,15 @@ class _LinearAverageFunction(torch.autograd.Function):
     def forward(ctx, x, y, memory, params):
         T, momentum = float(params[0].item()), float(params[1].item())
         out = torch.mm(x.detach().to(memory.dtype), memory.t()).to(x.dtype) / T
-        ctx.save_for_backward(x.detach(), y, memory)
+        ctx.save_for_backward(x.detach(), y)
+        ctx.memory = memory                      # updated in place in backward
         ctx.T, ctx.momentum = T, momentum
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, memory = ctx.saved_tensors
+        x, y = ctx.saved_tensors
+        memory = ctx.memory
         grad_x = torch.mm((grad_out / ctx.T).to(memory.dtype), memory).to(x.dtype)
         bank_update_(memory, y, x, ctx.momentum, validate=False)
         return grad_x, None, None, None

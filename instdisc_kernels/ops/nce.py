@@ -214,6 +214,8 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
     """
     _validate.check_features_memory_indices(features, memory, indices, values=validate)
     N = memory.shape[0]
+    if not memory.is_contiguous():
+        raise ValueError("memory must be contiguous (it is read by index and updated in place)")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be 'nce' or 'infonce', got {loss_type!r}")
     _validate.check_temperature(temperature)
