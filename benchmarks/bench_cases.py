@@ -1,0 +1,128 @@
+"""Benchmark shapes per op, device and --bench-size, and the providers compared.
+
+Sizes: "smoke" (tiny, for `make test`), "default" (CPU: about 10 minutes on a
+quiet 2-core machine; CUDA: the shapes of the issue that fit run_gpu.sh's time)
+and "full" (every shape of the issue).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+CIFAR_N = 50_000
+IMAGENET_N = 1_281_167
+D = 128
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+T_IMAGENET, T_CIFAR = 0.07, 0.1
+MOMENTUM = 0.5
+
+# Providers in run order: the eager baseline first (the speedups divide by its time).
+EAGER, COMPILE = "eager", "compile"
+LIB_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str                 # "nce" | "softmax" | "knn" | "bank_update"
+    N: int                  # bank rows (kNN: train features)
+    B: int = 256            # batch (kNN: queries)
+    K: int = 0              # NCE negatives (kNN: neighbours k)
+    dtype: str = "fp32"     # bank dtype
+    D: int = D
+    classes: int = 10       # kNN only
+
+    @property
+    def id(self):
+        k = {"nce": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}"}.get(self.op, "")
+        b = "Q" if self.op == "knn" else "B"
+        return f"N{self.N}-{b}{self.B}{k}-D{self.D}-{self.dtype}"
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def temperature(self):
+        return T_CIFAR if self.N <= CIFAR_N else T_IMAGENET
+
+    @property
+    def scale(self):
+        """The x axis of the speedup plot: K for NCE, N otherwise."""
+        return self.K if self.op == "nce" else self.N
+
+
+def _nce(Ns, Bs, Ks, dts):
+    return [Case("nce", N, B, K, dt) for N, B, K, dt in itertools.product(Ns, Bs, Ks, dts)]
+
+
+def _softmax(Ns, Bs, dts):
+    return [Case("softmax", N, B, 0, dt) for N, B, dt in itertools.product(Ns, Bs, dts)]
+
+
+def _update(Ns, Bs, dts):
+    return [Case("bank_update", N, B, 0, dt) for N, B, dt in itertools.product(Ns, Bs, dts)]
+
+
+def _cases(device_type, size):
+    both, fp32 = ("fp32", "bf16"), ("fp32",)
+    if size == "smoke":
+        return {
+            "nce": _nce([3000], [8], [64], both) + [Case("nce", 500, 3, 1, "fp32", D=100)],
+            "softmax": _softmax([3000], [8], both),
+            "knn": [Case("knn", 3000, 250, 20, dt, classes=10) for dt in both],
+            "bank_update": _update([3000], [8], both),
+        }
+    C, I = CIFAR_N, IMAGENET_N
+    if device_type == "cuda":
+        Ks = [4096, 16384, 65536]
+        Bs = [128, 256] if size == "full" else [256]
+        return {
+            "nce": _nce([C, I], Bs, Ks, both) + ([] if size == "full" else _nce([C, I], [128], [4096], both)),
+            "softmax": _softmax([C, I], [128, 256], both),
+            "knn": [Case("knn", C, 10_000, 200, dt, classes=10) for dt in both]
+            + [Case("knn", I, 50_000 if size == "full" else 10_000, 200, dt, classes=1000) for dt in both],
+            "bank_update": _update([C, I], [256], both),
+        }
+    if size == "full":
+        return {
+            "nce": _nce([C, I], [128, 256], [4096], both),
+            "softmax": _softmax([C, I], [128, 256], both),
+            "knn": [Case("knn", C, 10_000, 200, dt, classes=10) for dt in both]
+            + [Case("knn", I, 1_000, 200, dt, classes=1000) for dt in both],
+            "bank_update": _update([C, I], [128, 256], both),
+        }
+    return {  # CPU default: the shapes of the CPU performance targets, plus bf16 at CIFAR size
+        "nce": _nce([C, I], [256], [4096], fp32) + _nce([C], [256], [4096], ("bf16",))
+        + _nce([C], [128], [4096], fp32),
+        "softmax": _softmax([C, I], [256], fp32) + _softmax([C], [256], ("bf16",)),
+        "knn": [Case("knn", C, 10_000, 200, "fp32", classes=10)],
+        "bank_update": _update([C, I], [256], both),
+    }
+
+
+def cases(op, device_type, size):
+    return _cases(device_type, size)[op]
+
+
+def providers(device_type):
+    """Eager first, then each library backend of the device, then torch.compile."""
+    return [EAGER] + [f"fused-{b}" for b in LIB_BACKENDS[device_type]] + [COMPILE]
+
+
+def params(op, device_type, size):
+    """[(case, provider)] in run order: for each case, the eager provider first."""
+    return [(c, p) for c in cases(op, device_type, size) for p in providers(device_type)]
+
+
+def bank_bytes(case):
+    """Bytes of bank the op must read at least once (the fused floor, SPEC 4)."""
+    es = torch.empty((), dtype=case.torch_dtype).element_size()
+    rows = {"nce": case.B * (case.K + 1), "softmax": case.N, "knn": case.N, "bank_update": case.B}[case.op]
+    return rows * case.D * es
+
+
+def access(case):
+    """Which bandwidth probe an op is compared with: random rows or a stream."""
+    return "gather" if case.op in ("nce", "bank_update") else "read"

@@ -1,0 +1,228 @@
+"""pytest-benchmark suite of instdisc_kernels: `pytest benchmarks/ --benchmark-only`.
+
+Options: --bench-size=smoke|default|full, --bench-device=auto|cpu|cuda,
+--bench-backends=LIST (library backends to run; default: the device's real ones),
+--bench-compile (torch.compile provider also where skipped by default).
+Each benchmark's extra_info holds the bank bytes read, GB/s, the percentage of
+the session's bandwidth probe, the peak extra memory and the speedup over the
+eager baseline of the same case measured in the same run; a table of them is
+printed at the end and stored (with the probe) in the JSON under "instdisc".
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+
+import pytest
+import torch
+
+import bench_cases
+import bench_measure
+import bench_ops
+
+PROBE_BYTES = {"smoke": 16 << 20, "default": 1 << 30, "full": 1 << 30}
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("instdisc benchmarks")
+    g.addoption("--bench-size", choices=("smoke", "default", "full"), default="default",
+                help="shape set: smoke (tiny, make test), default, full (all shapes of the issue)")
+    g.addoption("--bench-device", choices=("auto", "cpu", "cuda"), default="auto",
+                help="device to benchmark (auto: cuda when present)")
+    g.addoption("--bench-backends", default=None,
+                help="comma-separated library backends to run as fused-<backend> providers "
+                     "(default: cpu on CPU; triton,cuda on CUDA). 'reference' is allowed for comparison.")
+    g.addoption("--bench-compile", action="store_true",
+                help="run the torch.compile provider where it is skipped by default "
+                     "(the smoke size; CPU below --bench-size=full)")
+
+
+def _device(config):
+    want = config.getoption("--bench-device")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def pytest_generate_tests(metafunc):
+    if "case_id" not in metafunc.fixturenames:
+        return
+    cfg = metafunc.config
+    dev = _device(cfg).type
+    op = metafunc.function.__name__.removeprefix("test_")
+    backends = cfg.getoption("--bench-backends")
+    params = bench_cases.params(op, dev, cfg.getoption("--bench-size"))
+    if backends:
+        keep = {"eager", "compile"} | {f"fused-{b.strip()}" for b in backends.split(",")}
+        extra = [f"fused-{b.strip()}" for b in backends.split(",")
+                 if f"fused-{b.strip()}" not in bench_cases.providers(dev)]
+        params = [(c, p) for c, p in params if p in keep]
+        params = _insert_after_eager(params, extra)
+    # the case travels as its id (a JSON-friendly benchmark param); the `case` fixture looks it up
+    metafunc.parametrize("case_id,provider", [pytest.param(c.id, p, id=f"{c.id}-{p}") for c, p in params])
+
+
+def _insert_after_eager(params, extra):
+    out = []
+    for c, p in params:
+        out.append((c, p))
+        if p == "eager":
+            out.extend((c, e) for e in extra)
+    return out
+
+
+class BenchSession:
+    """Session state: device, size, probe (lazy), eager times per case, records."""
+
+    def __init__(self, config):
+        self.config = config
+        self.device = _device(config)
+        self.size = config.getoption("--bench-size")
+        self._probe = None
+        self._reasons = {}
+        self.eager_time = {}
+        self.records = []
+
+    @property
+    def probe(self):
+        if self._probe is None:
+            self._probe = bench_measure.bandwidth_probe(self.device, PROBE_BYTES[self.size])
+        return self._probe
+
+    # ----------------------------------------------------------------------- #
+    def skip_reason(self, op, provider):
+        key = (op, provider)
+        if key not in self._reasons:
+            self._reasons[key] = self._skip_reason(op, provider)
+        return self._reasons[key]
+
+    def _skip_reason(self, op, provider):
+        dev = self.device
+        if provider == "eager":
+            return None
+        if provider == "compile":
+            if self.config.getoption("--bench-compile"):
+                pass
+            elif self.size == "smoke":
+                return "torch.compile: skipped by the smoke run (compile time; --bench-compile forces it)"
+            elif dev.type == "cpu" and self.size != "full":
+                return ("torch.compile on CPU: --bench-size=full only (6-40 s of C++ compilation "
+                        "per graph here, several graphs per op: the default CPU run would pass 10 minutes; "
+                        "--bench-compile forces it)")
+            if dev.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+                return "torch.compile on CPU needs a C++ compiler"
+            return None
+        be = provider.split("-", 1)[1]
+        if be == "triton" and dev.type == "cpu":
+            return "triton on CPU tensors runs only in the interpreter (tests), never benchmarked"
+        if be == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return "TRITON_INTERPRET=1 is set: interpreter timings are meaningless"
+        try:
+            bench_ops.tiny_call(op, be, dev)
+        except ValueError as e:
+            if "not available" in str(e):
+                return f"backend {be!r} not available for {op}: {e}"
+            raise
+        return None
+
+    # ----------------------------------------------------------------------- #
+    def run(self, benchmark, case, provider):
+        why = self.skip_reason(case.op, provider)
+        if why:
+            pytest.skip(why)
+        dev = self.device
+        torch.manual_seed(0)
+        g = bench_ops.inputs(case, dev)
+        fn = bench_ops.step(case, provider, g, dev)
+        fn()                                                  # warm-up (compiles for "compile")
+        peak, method = bench_measure.peak_extra_memory(fn, dev)
+        benchmark.group = f"{case.op} {case.id}"
+        benchmark.extra_info.update(
+            op=case.op, provider=provider, case=case.id, N=case.N, B=case.B, K=case.K, D=case.D,
+            dtype=case.dtype, device=str(dev), threads=torch.get_num_threads(),
+            bank_bytes=bench_cases.bank_bytes(case), peak_extra_bytes=peak, peak_method=method)
+        benchmark(fn)
+        if benchmark.stats is None:                           # --benchmark-disable: no timings
+            return
+        t = benchmark.stats.stats.median
+        key = (case.op, case.id)
+        if provider == "eager":
+            self.eager_time[key] = t
+        kind = bench_cases.access(case)
+        row_bytes = case.D * torch.empty((), dtype=case.torch_dtype).element_size()
+        probe = bench_measure.probe_gbps(self.probe, kind, row_bytes)
+        gbps = bench_cases.bank_bytes(case) / t / 1e9
+        eager = self.eager_time.get(key)
+        info = dict(time_median_s=t, gbps=gbps, probe_kind=f"{kind}{row_bytes if kind == 'gather' else ''}",
+                    probe_gbps=probe, pct_of_probe=100.0 * gbps / probe,
+                    speedup_vs_eager=(eager / t) if eager else None)
+        benchmark.extra_info.update(info)
+        self.records.append(dict(benchmark.extra_info))
+
+
+@pytest.fixture
+def case(request, case_id):
+    op = request.function.__name__.removeprefix("test_")
+    return next(c for c in bench_cases.cases(op, _device(request.config).type, request.config.getoption("--bench-size"))
+                if c.id == case_id)
+
+
+@pytest.fixture(scope="session")
+def bench(request):
+    s = BenchSession(request.config)
+    request.config._instdisc_bench = s
+    return s
+
+
+# --------------------------------------------------------------------------- #
+# Reporting hooks                                                              #
+# --------------------------------------------------------------------------- #
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    s = getattr(config, "_instdisc_bench", None)
+    output_json["instdisc"] = {
+        "bench_size": config.getoption("--bench-size"),
+        "device": str(_device(config)),
+        "device_name": torch.cuda.get_device_name() if _device(config).type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": " ".join(["pytest"] + sys.argv[1:]),
+        "probe": s._probe if s else None,
+    }
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    s = getattr(config, "_instdisc_bench", None)
+    if not s or not s.records:
+        return
+    tr = terminalreporter
+    tr.section("instdisc: speedup over the eager baseline (same run, median times)")
+    if s._probe:
+        p = s._probe
+        gat = ", ".join(f"{k} B rows {v:.1f}" for k, v in p["gather_gbps"].items())
+        tr.write_line(f"bandwidth probe ({p['bytes'] >> 20} MiB): read {p['read_gbps']:.1f} GB/s; "
+                      f"random-row gather {gat} GB/s")
+    tr.write_line(f"{'op':<12}{'case':<40}{'provider':<15}{'median ms':>11}{'GB/s':>9}{'% probe':>9}"
+                  f"{'peak MB':>10}{'speedup':>9}")
+    for r in s.records:
+        peak = None if r["peak_extra_bytes"] is None else r["peak_extra_bytes"] / 2**20
+        tr.write_line(f"{r['op']:<12}{r['case']:<40}{r['provider']:<15}{_fmt(r['time_median_s'] * 1e3, '11.3f')}"
+                      f"{_fmt(r['gbps'], '9.3g')}{_fmt(r['pct_of_probe'], '9.2g')}{_fmt(peak, '10.1f')}"
+                      f"{_fmt(r['speedup_vs_eager'], '9.2f')}")

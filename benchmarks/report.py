@@ -1,0 +1,240 @@
+"""Turn pytest-benchmark JSON files of benchmarks/ into benchmarks/RESULTS.md and
+benchmarks/speedup.png.
+
+    python benchmarks/report.py cpu.json [gpu.json ...] --out benchmarks/RESULTS.md \
+        --plot benchmarks/speedup.png
+
+With no JSON it writes the skeleton (every device pending). A device type
+(cpu / cuda) without a JSON is listed as pending.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+OPS = ("nce", "softmax", "knn", "bank_update")
+OP_TITLE = {"nce": "NCE forward + backward + bank update", "softmax": "exact softmax loss + gradient + update",
+            "knn": "weighted kNN (top-1/top-5 over all queries)", "bank_update": "bank update alone"}
+OP_X = {"nce": "K (negatives)", "softmax": "N (bank rows)", "knn": "N (train features)", "bank_update": "N (bank rows)"}
+
+# (label, device type, op, case id, minimum speedup, minimum peak-memory ratio), from the kernel issues
+TARGETS = [
+    ("NCE, N=50k, B=256, K=4096, fp32", "cpu", "nce", "N50000-B256-K4096-D128-fp32", 5.0, 20.0),
+    ("NCE, N=1.28M, B=256, K=4096, fp32", "cpu", "nce", "N1281167-B256-K4096-D128-fp32", 3.0, 20.0),
+    ("exact softmax, N=1.28M, B=256, fp32", "cpu", "softmax", "N1281167-B256-D128-fp32", 2.0, 50.0),
+    ("kNN, 10k queries x 50k train, k=200", "cpu", "knn", "N50000-Q10000-k200-C10-D128-fp32", 3.0, None),
+]
+
+HOW_TO = """\
+## How these numbers are produced
+
+* CPU, on a quiet machine (nothing else running; about 5-10 minutes on 2 cores):
+
+      .venv/bin/python -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/cpu.json
+
+  `--bench-size=full` adds the large shapes and the torch.compile provider
+  (skipped on CPU below full: 6-40 s of C++ compilation per graph, several graphs
+  per op; `--bench-compile` forces it). `--bench-backends=cpu,reference` adds the
+  library's eager reference backend as a provider.
+* GPU: `bash benchmarks/run_gpu.sh OUTDIR` on the GPU machine (build, GPU tests,
+  Triton tests on CUDA, GPU benchmarks in under 8 minutes; writes OUTDIR/bench.json,
+  OUTDIR/bench_compile.json, OUTDIR/summary.md, OUTDIR/speedup.png).
+* This page and the plot:
+
+      .venv/bin/python benchmarks/report.py benchmarks/cpu.json [OUTDIR/bench.json OUTDIR/bench_compile.json] \\
+          --out benchmarks/RESULTS.md --plot benchmarks/speedup.png
+
+Definitions: *time* is the pytest-benchmark median of one whole step (NCE and softmax:
+negative draw, loss, backward to the features, bank update; kNN: top-1/top-5 of all
+queries; bank update: B rows). *Speedup* divides the eager baseline's median by the
+provider's, both from the same run. *GB/s* is the bank bytes the op must read at least
+once (NCE: B*(K+1)*D rows; softmax, kNN: N*D; update: B*D) over the time, and *% probe*
+compares it with the session's bandwidth probe (random-row gather of rows of the same
+size for NCE and the update, a streaming read for softmax and kNN). *Peak MB* is the
+extra memory of one step beyond its inputs (CUDA: max_memory_allocated minus allocated
+before; CPU: peak RSS minus RSS before); *mem ratio* is eager peak / provider peak.
+Providers: `eager` (lemniscate-style baseline, benchmarks/bench_baselines.py),
+`fused-<backend>` (this library, `validate=False`), `compile` (torch.compile of the
+eager baseline). A provider missing from a table was skipped (the pytest output says why).
+"""
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for b in data.get("benchmarks", []):
+        e = dict(b.get("extra_info", {}))
+        if "op" not in e or "time_median_s" not in e:
+            continue
+        e["time_median_s"] = b["stats"]["median"]
+        rows.append(e)
+    meta = data.get("instdisc", {})
+    meta["datetime"] = data.get("datetime", "?")
+    meta["commit"] = data.get("commit_info", {})
+    meta["machine"] = data.get("machine_info", {})
+    meta["path"] = path
+    meta["device_type"] = meta.get("device", "cpu").split(":")[0]
+    _ratios(rows)
+    return meta, rows
+
+
+def _ratios(rows):
+    """Speedup and memory ratio against the eager row of the same case (recomputed from the JSON)."""
+    eager = {(r["op"], r["case"]): r for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        e = eager.get((r["op"], r["case"]))
+        r["speedup"] = e["time_median_s"] / r["time_median_s"] if e else None
+        pe, pr = (e or {}).get("peak_extra_bytes"), r.get("peak_extra_bytes")
+        # a ratio of two near-zero peaks means nothing; a zero peak counts as one 4 KiB page
+        ok = pe is not None and pr is not None and pe >= 2**20
+        r["mem_ratio"] = pe / max(pr, 4096) if ok else None
+
+
+def _f(v, spec, suffix=""):
+    return "-" if v is None else format(v, spec) + suffix
+
+
+def header(meta):
+    c, m = meta["commit"], meta["machine"]
+    probe = meta.get("probe") or {}
+    gat = ", ".join(f"{k} B rows {v:.1f}" for k, v in (probe.get("gather_gbps") or {}).items())
+    lines = [
+        f"* machine: {meta.get('device_name', '?')} ({meta.get('device', '?')}; {meta.get('cpu_count', '?')} CPUs, "
+        f"{meta.get('threads', '?')} torch threads; {m.get('node', '?')}, Python {m.get('python_version', '?')}, "
+        f"torch {meta.get('torch', '?')})",
+        f"* date: {meta['datetime']}",
+        f"* commit: {c.get('id', '?')[:12]}{' (dirty tree)' if c.get('dirty') else ''} on {c.get('branch', '?')}",
+        f"* command: `{meta.get('command', '?')}` (size set: {meta.get('bench_size', '?')})",
+    ]
+    if probe:
+        lines.append(f"* bandwidth probe ({probe.get('bytes', 0) >> 20} MiB): streaming read "
+                     f"{probe.get('read_gbps', 0):.1f} GB/s; random-row gather {gat} GB/s")
+    return "\n".join(lines)
+
+
+def op_table(rows, op):
+    rs = [r for r in rows if r["op"] == op]
+    if not rs:
+        return ""
+    out = [f"#### {OP_TITLE[op]}", "",
+           "| case | provider | median ms | speedup | GB/s | % probe | peak MB | mem ratio |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rs:
+        peak = r.get("peak_extra_bytes")
+        out.append(f"| {r['case']} | {r['provider']} | {r['time_median_s'] * 1e3:.3f} | {_f(r['speedup'], '.2f', 'x')} "
+                   f"| {_f(r.get('gbps'), '.3g')} | {_f(r.get('pct_of_probe'), '.2g', '%')} "
+                   f"| {_f(None if peak is None else peak / 2**20, '.3g')} | {_f(r['mem_ratio'], '.3g', 'x')} |")
+    return "\n".join(out) + "\n"
+
+
+def targets_table(runs):
+    out = ["| target | provider | speedup (need) | mem ratio (need) | verdict |", "| --- | --- | ---: | ---: | --- |"]
+    for label, dev, op, case, need_s, need_m in TARGETS:
+        rows = [r for meta, rs in runs if meta["device_type"] == dev for r in rs
+                if r["op"] == op and r["case"] == case and r["provider"].startswith("fused-")]
+        if not rows:
+            out.append(f"| {label} ({dev}) | - | - ({need_s:g}x) | - ({_f(need_m, 'g', 'x')}) | pending: not measured |")
+            continue
+        for r in rows:
+            ok_s = r["speedup"] is not None and r["speedup"] >= need_s
+            ok_m = need_m is None or (r["mem_ratio"] is not None and r["mem_ratio"] >= need_m)
+            verdict = "met" if ok_s and ok_m else "NOT met"
+            out.append(f"| {label} ({dev}) | {r['provider']} | {_f(r['speedup'], '.2f', 'x')} ({need_s:g}x) "
+                       f"| {_f(r['mem_ratio'], '.3g', 'x')} ({_f(need_m, 'g', 'x')}) | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
+def auto_choice(runs):
+    """Which fused CUDA provider won most cases, per op (why _backend.CUDA_PREFERENCE is what it is)."""
+    out = []
+    for meta, rows in runs:
+        if meta["device_type"] != "cuda":
+            continue
+        for op in OPS:
+            wins = collections.Counter()
+            for case in sorted({r["case"] for r in rows if r["op"] == op}):
+                fused = [r for r in rows if r["op"] == op and r["case"] == case and r["provider"].startswith("fused-")]
+                if fused:
+                    wins[min(fused, key=lambda r: r["time_median_s"])["provider"]] += 1
+            if wins:
+                out.append(f"* {op}: fastest fused provider per case: "
+                           + ", ".join(f"{p} {n}" for p, n in wins.most_common()))
+    return "\n".join(out) if out else "* pending: no GPU run recorded yet."
+
+
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for ax, op in zip(axes.flat, OPS):
+        series = collections.defaultdict(list)
+        for meta, rows in runs:
+            for r in rows:
+                if r["op"] == op and r["provider"] != "eager" and r["speedup"] is not None:
+                    x = r["K"] if op == "nce" else r["N"]
+                    lab = f"{meta['device_type']} {r['provider']} " + (
+                        f"N={r['N']} B={r['B']} {r['dtype']}" if op == "nce"
+                        else f"{'Q' if op == 'knn' else 'B'}={r['B']} {r['dtype']}")
+                    series[lab].append((x, r["speedup"]))
+        for lab, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(OP_TITLE[op], fontsize=9)
+        ax.set_xlabel(OP_X[op])
+        ax.set_ylabel("speedup over eager")
+        if series:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "pending", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(runs):
+    parts = ["# Benchmark results", "",
+             "Latest numbers of `pytest benchmarks/ --benchmark-only`, written by benchmarks/report.py "
+             "(do not edit by hand). Plot: speedup.png.", ""]
+    for dev, name in (("cpu", "CPU"), ("cuda", "GPU")):
+        mine = [(m, r) for m, r in runs if m["device_type"] == dev]
+        parts.append(f"## {name}\n")
+        if not mine:
+            parts.append(f"Pending: no {name} run recorded yet"
+                         + (" (no GPU was lent to the benchmark task; run benchmarks/run_gpu.sh)." if dev == "cuda"
+                            else " (the dev machine was shared by busy engineers; run the command below on a "
+                                 "quiet machine).") + "\n")
+        for meta, rows in mine:
+            parts += [header(meta), ""]
+            parts += [op_table(rows, op) for op in OPS if op_table(rows, op)]
+    parts += ["## Performance targets\n", targets_table(runs),
+              "## Backend choice for `auto` on CUDA (instdisc_kernels/_backend.py CUDA_PREFERENCE)\n",
+              auto_choice(runs), "", HOW_TO]
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="*", help="pytest-benchmark JSON files (--benchmark-json)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--out", default=os.path.join(here, "RESULTS.md"))
+    ap.add_argument("--plot", default=os.path.join(here, "speedup.png"), help="'' to skip the plot")
+    a = ap.parse_args(argv)
+    runs = [load(p) for p in a.json]
+    with open(a.out, "w") as f:
+        f.write(render(runs))
+    if a.plot:
+        plot(runs, a.plot)
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

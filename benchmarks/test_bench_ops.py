@@ -1,0 +1,22 @@
+"""The benchmarks: one test per op, parametrized by (case, provider) in
+benchmarks/conftest.py (eager baseline first for every case)."""
+
+
+def test_nce(benchmark, bench, case, provider):
+    """NCE forward + backward + bank update (SPEC 1.1)."""
+    bench.run(benchmark, case, provider)
+
+
+def test_softmax(benchmark, bench, case, provider):
+    """Exact non-parametric softmax loss + gradient + bank update (SPEC 1.2)."""
+    bench.run(benchmark, case, provider)
+
+
+def test_knn(benchmark, bench, case, provider):
+    """Weighted kNN top-1/top-5 over all queries (SPEC 1.3)."""
+    bench.run(benchmark, case, provider)
+
+
+def test_bank_update(benchmark, bench, case, provider):
+    """Memory-bank momentum update alone."""
+    bench.run(benchmark, case, provider)
