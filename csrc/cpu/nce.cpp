@@ -1,0 +1,685 @@
+// CPU kernels of the fused sampled-negative NCE op (SPEC 1.1):
+//   nce_forward         loss, dloss/dF and the Z used, in one pass over the gathered rows
+//                       (two when Z is estimated from the batch: a dot-only pre-pass first);
+//   nce_probs           P = exp(V[idx] . F / T) / Z           (lemniscate NCEAverage drop-in);
+//   nce_probs_backward  dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]].
+// Contracts: instdisc_kernels/ops/nce.py and ops/nce_probs.py; schemas: csrc/instdisc.cpp.
+//
+// Layout of the work: at::parallel_for over batch rows; a batch row reads its K+1 bank rows
+// (column 0 the positive y[b], then the negatives) one after the other, prefetching a few rows
+// ahead, and never materialises anything of size B x (K+1) x D. bf16/fp16 rows are widened to
+// fp32 on the fly; accumulation is fp32 (fp64 when the features are fp64). Per-row losses go to
+// a buffer that is summed serially, so every output is bit-identical for any thread count.
+//
+// In-kernel negatives: Philox4x32-10 (Salmon et al., SC'11), key = the 64-bit seed, counter =
+// (j / 2 as 64 bits, b as 64 bits) for the j-th negative (j = 0..K-1) of batch row b; draw j uses
+// the 64-bit word (out[0] | out[1] << 32) when j is even, (out[2] | out[3] << 32) when odd, and
+// maps it to [0, M) as floor(r * M / 2^64) (bias below M / 2^64). M = N, or N - 1 with
+// exclude_positive, in which case values >= y[b] are shifted up by one.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace instdisc {
+namespace {
+
+constexpr double kEps = 1e-7;   // lemniscate's NCECriterion eps
+// How many bank rows to prefetch ahead of the one being read: about 8 KiB of rows (16 fp32 rows
+// at D = 128: measured best among 1..64 on the 2-core dev machine, a random gather from L3).
+inline int64_t rows_ahead(int64_t row_bytes) {
+  return std::clamp<int64_t>(8192 / std::max<int64_t>(row_bytes, 1), 4, 64);
+}
+
+// --------------------------------------------------------------------------- //
+// Philox4x32-10                                                                //
+// --------------------------------------------------------------------------- //
+struct U32x4 {
+  uint32_t v[4];
+};
+
+constexpr U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c.v[0];
+    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c.v[2];
+    c = U32x4{{uint32_t(p1 >> 32) ^ c.v[1] ^ k0, uint32_t(p1), uint32_t(p0 >> 32) ^ c.v[3] ^ k1,
+               uint32_t(p0)}};
+  }
+  return c;
+}
+
+constexpr bool philox_equals(U32x4 a, uint32_t x0, uint32_t x1, uint32_t x2, uint32_t x3) {
+  return a.v[0] == x0 && a.v[1] == x1 && a.v[2] == x2 && a.v[3] == x3;
+}
+// Known-answer vectors of the Random123 distribution (kat_vectors, philox4x32 10).
+static_assert(philox_equals(philox4x32_10(U32x4{{0, 0, 0, 0}}, 0, 0), 0x6627e8d5u, 0xe169c58du,
+                            0xbc57ac4cu, 0x9b00dbd8u),
+              "Philox4x32-10 known-answer test (zeros)");
+static_assert(philox_equals(philox4x32_10(U32x4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}},
+                                          0xa4093822u, 0x299f31d0u),
+                            0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u),
+              "Philox4x32-10 known-answer test (pi)");
+
+inline int64_t map_to_range(uint64_t r, uint64_t m) {
+  return static_cast<int64_t>((static_cast<unsigned __int128>(r) * m) >> 64);
+}
+
+// --------------------------------------------------------------------------- //
+// Row helpers                                                                  //
+// --------------------------------------------------------------------------- //
+// Widen n bank values to the accumulation type.
+template <typename bank_t, typename acc_t>
+inline void widen(const bank_t* __restrict src, acc_t* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<bank_t, c10::BFloat16>) {
+    for (int64_t d = 0; d < n; ++d) {
+      uint32_t bits = uint32_t(src[d].x) << 16;
+      float f;
+      std::memcpy(&f, &bits, sizeof(f));
+      dst[d] = static_cast<acc_t>(f);
+    }
+  } else if constexpr (std::is_same_v<bank_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    int64_t d = 0;
+#if defined(__F16C__)
+    for (; d + 8 <= n; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+#endif
+    for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(static_cast<float>(src[d]));
+  }
+}
+
+// The row as acc_t values: the bank row itself when the types agree, else widened into buf.
+template <typename acc_t, typename bank_t>
+inline const acc_t* as_acc(const bank_t* row, acc_t* buf, int64_t D) {
+  if constexpr (std::is_same_v<acc_t, bank_t>) {
+    return row;
+  } else {
+    widen(row, buf, D);
+    return buf;
+  }
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t D) {
+  constexpr int L = 64 / sizeof(acc_t);  // independent partial sums: one or two vectors
+  acc_t p[L] = {};
+  int64_t d = 0;
+  for (; d + L <= D; d += L)
+    for (int j = 0; j < L; ++j) p[j] += a[d + j] * b[d + j];
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) p[j] += p[j + w];
+  acc_t s = p[0];
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// Beyond |log P| > 80 the NCE terms take their asymptotic forms (dropping terms below e^-60
+// relative, also in fp64), so exp(log P) never overflows fp32.
+constexpr double kLogPLimit = 80;
+
+// --------------------------------------------------------------------------- //
+// Argument checks (the Python layer validates first; these keep a direct call  //
+// from crashing or reading out of bounds)                                      //
+// --------------------------------------------------------------------------- //
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+}
+
+void check_bank_and_features(const at::Tensor& features, const at::Tensor& memory) {
+  check_cpu(features, "features");
+  check_cpu(memory, "memory");
+  TORCH_CHECK_VALUE(memory.dim() == 2 && memory.size(0) > 0,
+                    "memory must be a non-empty 2-D (N, D) tensor, got shape ", memory.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(memory.scalar_type()),
+                   "memory must be float32/float64/bfloat16/float16, got ", memory.scalar_type());
+  TORCH_CHECK_VALUE(features.dim() == 2 && features.size(0) > 0 && features.size(1) == memory.size(1),
+                    "features must be a non-empty (B, D) tensor with D = memory.size(1) = ", memory.size(1),
+                    ", got shape ", features.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(features.scalar_type()),
+                   "features must be float32/float64/bfloat16/float16, got ", features.scalar_type());
+}
+
+void check_index_values(const int64_t* p, int64_t n, int64_t N, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < N, name, " contains ", p[i], " (flat position ", i,
+                      "), out of range [0, ", N, ")");
+}
+
+void check_temperature(double T) {
+  TORCH_CHECK_VALUE(std::isfinite(T) && T > 0, "temperature must be a positive finite number, got ", T);
+}
+
+double z_value(const at::Tensor& z) {
+  check_cpu(z, "z");
+  TORCH_CHECK_VALUE(z.numel() == 1, "z must hold exactly one value, got shape ", z.sizes());
+  TORCH_CHECK_TYPE(z.is_floating_point(), "z must be a floating tensor, got ", z.scalar_type());
+  const double v = z.item<double>();
+  TORCH_CHECK_VALUE(!std::isnan(v), "z is NaN");
+  return v;
+}
+
+// (1,) float32 holding Z (inf when Z exceeds the float32 range; the kernels work with log Z).
+at::Tensor z_tensor(double z, const at::Tensor& like) {
+  auto t = at::empty({1}, like.options().dtype(at::kFloat));
+  t.data_ptr<float>()[0] = static_cast<float>(z);
+  return t;
+}
+
+at::ScalarType acc_dtype(const at::Tensor& features) {
+  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// memory with unit column stride (rows may be strided); copies only an unusual layout.
+at::Tensor row_major(const at::Tensor& memory) {
+  return memory.stride(1) == 1 ? memory : memory.contiguous();
+}
+
+// Z = N * mean(exp(t)) over B*(K+1) logits t, from per-row maxima and sums of exp(t - max):
+// returns log Z (robust to exp overflow), combining rows serially (deterministic).
+double log_z_estimate(const std::vector<double>& row_max, const std::vector<double>& row_sum, int64_t N,
+                      int64_t count) {
+  double M = -std::numeric_limits<double>::infinity();
+  for (double m : row_max) M = std::max(M, m);
+  double total = 0;
+  for (size_t b = 0; b < row_max.size(); ++b) total += row_sum[b] * std::exp(row_max[b] - M);
+  return std::log(static_cast<double>(N)) + M + std::log(total) - std::log(static_cast<double>(count));
+}
+
+// --------------------------------------------------------------------------- //
+// nce_forward                                                                  //
+// --------------------------------------------------------------------------- //
+struct NceArgs {
+  int64_t B, D, N, K, row_stride;
+  const int64_t* y;         // (B)
+  const int64_t* neg;       // (B, K) or nullptr: draw in-kernel
+  uint64_t seed;
+  bool exclude_positive;
+  const float* noise;       // (N) or nullptr: Pn = 1/N
+  double T, proximal;
+  int64_t loss_type;
+};
+
+// The K+1 bank indices of batch row b: y[b], then the negatives.
+void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
+  out[0] = a.y[b];
+  if (a.neg != nullptr) {
+    std::memcpy(out + 1, a.neg + b * a.K, sizeof(int64_t) * a.K);
+    return;
+  }
+  const uint32_t k0 = uint32_t(a.seed), k1 = uint32_t(a.seed >> 32);
+  const uint64_t ub = static_cast<uint64_t>(b);
+  const uint64_t range = static_cast<uint64_t>(a.exclude_positive ? a.N - 1 : a.N);
+  const int64_t skip = a.exclude_positive ? a.y[b] : std::numeric_limits<int64_t>::max();
+  for (int64_t j = 0; j < a.K; j += 2) {
+    const uint64_t blk = static_cast<uint64_t>(j) >> 1;
+    const U32x4 o = philox4x32_10(U32x4{{uint32_t(blk), uint32_t(blk >> 32), uint32_t(ub), uint32_t(ub >> 32)}},
+                                  k0, k1);
+    int64_t v = map_to_range(uint64_t(o.v[0]) | (uint64_t(o.v[1]) << 32), range);
+    out[1 + j] = v + (v >= skip);
+    if (j + 1 < a.K) {
+      v = map_to_range(uint64_t(o.v[2]) | (uint64_t(o.v[3]) << 32), range);
+      out[2 + j] = v + (v >= skip);
+    }
+  }
+}
+
+// Dot-only pre-pass (Z estimated from the batch): scores[b, k] = V[idx[b,k]] . F[b], and per row the
+// max of t = s / T and sum exp(t - max).
+template <typename bank_t, typename acc_t>
+void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* scores,
+                std::vector<double>& row_max, std::vector<double>& row_sum) {
+  const int64_t K1 = a.K + 1, D = a.D;
+  const acc_t invT = static_cast<acc_t>(1.0 / a.T);
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
+    std::vector<int64_t> idx(K1);
+    std::vector<acc_t> buf(D);
+    for (int64_t b = begin; b < end; ++b) {
+      row_indices(a, b, idx.data());
+      const acc_t* f = feat + b * D;
+      acc_t* s = scores + b * K1;
+      for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mem + idx[k] * a.row_stride, D * sizeof(bank_t));
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t k = 0; k < K1; ++k) {
+        if (k + kAhead < K1) prefetch_row(mem + idx[k + kAhead] * a.row_stride, D * sizeof(bank_t));
+        s[k] = dot(as_acc<acc_t>(mem + idx[k] * a.row_stride, buf.data(), D), f, D);
+        m = std::max(m, s[k] * invT);
+      }
+      double sum = 0;
+      for (int64_t k = 0; k < K1; ++k) sum += std::exp(s[k] * invT - m);
+      row_max[b] = m;
+      row_sum[b] = sum;
+    }
+  });
+}
+
+// lemniscate NCE: per batch row, the loss terms and g = dloss/dF[b]. scores: the pre-pass's dot
+// products, or nullptr to compute them here (fixed Z: a single pass).
+template <typename bank_t, typename acc_t>
+void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z,
+              acc_t* grad, double* row_loss) {
+  const int64_t K1 = a.K + 1, D = a.D;
+  const acc_t invT = static_cast<acc_t>(1.0 / a.T);
+  const acc_t lz = static_cast<acc_t>(log_z);
+  const acc_t eps = static_cast<acc_t>(kEps);
+  const acc_t kp_uniform = static_cast<acc_t>(double(a.K) / double(a.N));
+  const acc_t c_uniform = static_cast<acc_t>(double(a.K) / double(a.N) + kEps);
+  const double inv_kp_uniform = double(a.N) / double(a.K);
+  const acc_t lim = static_cast<acc_t>(kLogPLimit);
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
+    std::vector<int64_t> idx(K1);
+    std::vector<acc_t> buf(D);
+    for (int64_t b = begin; b < end; ++b) {
+      row_indices(a, b, idx.data());
+      const acc_t* f = feat + b * D;
+      acc_t* g = grad + b * D;
+      std::fill(g, g + D, acc_t(0));
+      double lsum = 0, prod = 1;
+      int64_t prod_exp = 0;
+      for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mem + idx[k] * a.row_stride, D * sizeof(bank_t));
+      for (int64_t k = 0; k < K1; ++k) {
+        if (k + kAhead < K1) prefetch_row(mem + idx[k + kAhead] * a.row_stride, D * sizeof(bank_t));
+        const acc_t* v = as_acc<acc_t>(mem + idx[k] * a.row_stride, buf.data(), D);
+        const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
+        acc_t kp = kp_uniform, c = c_uniform;
+        if (a.noise != nullptr) {
+          kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
+          c = kp + eps;
+        }
+        const acc_t lp = s * invT - lz;  // log P
+        acc_t ln, coef;                  // log term of the loss; dloss/dP * P (times T*B)
+        if (k == 0) {                    // positive: log(P / (P + c)); coef = -c / (P + c)
+          if (lp > lim) {
+            ln = 0;
+            coef = 0;
+          } else if (lp < -lim) {
+            ln = lp - std::log(c);
+            coef = -1;
+          } else {
+            const acc_t r = c / std::exp(lp);
+            ln = -std::log1p(r);
+            coef = -r / (1 + r);
+          }
+        } else {                         // negative: log(K Pn / (P + c)); coef = P / (P + c)
+          if (lp > lim) {
+            ln = -(lp - std::log(kp));
+            coef = 1;
+          } else {
+            // log(K Pn / (P + c)) = -log1p((P + eps) / (K Pn)): accumulated as a product of the
+            // (1 + x) in double (one log per batch row instead of one per term), renormalised
+            // when it grows large.
+            const acc_t P = std::exp(lp);
+            const double pe = static_cast<double>(P) + kEps;
+            prod *= 1.0 + (a.noise != nullptr ? pe / static_cast<double>(kp) : pe * inv_kp_uniform);
+            if (prod > 0x1p700 && prod <= std::numeric_limits<double>::max()) {
+              int e;
+              prod = std::frexp(prod, &e);
+              prod_exp += e;
+            }
+            ln = 0;
+            coef = P / (P + c);
+          }
+        }
+        lsum += ln;
+        axpy(g, coef, v, D);
+      }
+      lsum -= std::log(prod) + prod_exp * 0.6931471805599453;
+      const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
+      for (int64_t d = 0; d < D; ++d) g[d] *= scale;
+      row_loss[b] = -lsum / a.B;
+    }
+  });
+}
+
+// InfoNCE: softmax cross-entropy over the K+1 logits, with an online max/sum per batch row, so one
+// pass suffices: acc = sum_k exp(t_k - m) V_k is rescaled whenever the running max m grows.
+template <typename bank_t, typename acc_t>
+void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* grad, double* row_loss) {
+  const int64_t K1 = a.K + 1, D = a.D;
+  const acc_t invT = static_cast<acc_t>(1.0 / a.T);
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
+    std::vector<int64_t> idx(K1);
+    std::vector<acc_t> buf(D);
+    for (int64_t b = begin; b < end; ++b) {
+      row_indices(a, b, idx.data());
+      const acc_t* f = feat + b * D;
+      acc_t* g = grad + b * D;
+      for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mem + idx[k] * a.row_stride, D * sizeof(bank_t));
+      const acc_t* v = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf.data(), D);
+      const acc_t t0 = dot(v, f, D) * invT;
+      acc_t m = t0;
+      double l = 1;
+      std::copy(v, v + D, g);
+      for (int64_t k = 1; k < K1; ++k) {
+        if (k + kAhead < K1) prefetch_row(mem + idx[k + kAhead] * a.row_stride, D * sizeof(bank_t));
+        v = as_acc<acc_t>(mem + idx[k] * a.row_stride, buf.data(), D);
+        const acc_t t = dot(v, f, D) * invT;
+        if (t > m) {
+          const acc_t r = std::exp(m - t);
+          l = l * r + 1;
+          for (int64_t d = 0; d < D; ++d) g[d] = g[d] * r + v[d];
+          m = t;
+        } else {
+          const acc_t e = std::exp(t - m);
+          l += e;
+          axpy(g, e, v, D);
+        }
+      }
+      // g = (softmax-weighted mean of the rows - V[y]) / (B T)
+      v = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf.data(), D);
+      const acc_t inv_l = static_cast<acc_t>(1.0 / l);
+      const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
+      for (int64_t d = 0; d < D; ++d) g[d] = (g[d] * inv_l - v[d]) * scale;
+      row_loss[b] = (static_cast<double>(m) + std::log(l) - static_cast<double>(t0)) / a.B;
+    }
+  });
+}
+
+// proximal lambda/B ||F[b] - V[y[b]]||^2 and its gradient, added per batch row.
+template <typename bank_t, typename acc_t>
+void proximal_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* grad, double* row_loss) {
+  const int64_t D = a.D;
+  const acc_t two_l_b = static_cast<acc_t>(2.0 * a.proximal / a.B);
+  at::parallel_for(0, a.B, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(D);
+    for (int64_t b = begin; b < end; ++b) {
+      const acc_t* v = as_acc<acc_t>(mem + a.y[b] * a.row_stride, buf.data(), D);
+      const acc_t* f = feat + b * D;
+      acc_t* g = grad + b * D;
+      double ss = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t diff = f[d] - v[d];
+        ss += static_cast<double>(diff) * diff;
+        g[d] += two_l_b * diff;
+      }
+      row_loss[b] += a.proximal * ss / a.B;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
+    const at::Tensor& features, const at::Tensor& memory, const at::Tensor& indices,
+    const c10::optional<at::Tensor>& neg_indices, const at::Tensor& z, const at::Tensor& seed,
+    int64_t num_negatives, double temperature, double proximal, int64_t loss_type, double z_ema,
+    bool exclude_positive, const c10::optional<at::Tensor>& noise_probs) {
+  check_bank_and_features(features, memory);
+  const int64_t B = features.size(0), D = features.size(1), N = memory.size(0);
+  check_cpu(indices, "indices");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be an int64 tensor, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == B, "indices must have shape (B=", B, ",), got ",
+                    indices.sizes());
+  check_temperature(temperature);
+  TORCH_CHECK_VALUE(std::isfinite(proximal) && proximal >= 0, "proximal must be a finite number >= 0, got ", proximal);
+  TORCH_CHECK_VALUE(loss_type == 0 || loss_type == 1, "loss_type must be 0 (nce) or 1 (infonce), got ", loss_type);
+  TORCH_CHECK_VALUE(z_ema >= 0 && z_ema < 1, "z_ema must be in [0, 1) (0 = off), got ", z_ema);
+  const double z0 = z_value(z);
+  check_cpu(seed, "seed");
+  TORCH_CHECK_VALUE(seed.numel() == 1, "seed must hold exactly one value, got shape ", seed.sizes());
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be an int64 tensor, got ", seed.scalar_type());
+
+  auto y = indices.contiguous();
+  check_index_values(y.data_ptr<int64_t>(), B, N, "indices");
+  at::Tensor neg;
+  int64_t K = num_negatives;
+  if (neg_indices.has_value()) {
+    neg = neg_indices->contiguous();
+    check_cpu(neg, "neg_indices");
+    TORCH_CHECK_TYPE(neg.scalar_type() == at::kLong, "neg_indices must be an int64 tensor, got ", neg.scalar_type());
+    TORCH_CHECK_VALUE(neg.dim() == 2 && neg.size(0) == B && neg.size(1) >= 1 && neg.size(1) == K,
+                      "neg_indices must have shape (B=", B, ", num_negatives=", K, "), got ", neg.sizes());
+    check_index_values(neg.data_ptr<int64_t>(), neg.numel(), N, "neg_indices");
+  } else {
+    TORCH_CHECK_VALUE(K >= 1, "num_negatives must be >= 1, got ", K);
+    TORCH_CHECK_VALUE(!exclude_positive || N >= 2, "exclude_positive needs a memory bank with at least 2 rows");
+  }
+  at::Tensor noise;
+  if (noise_probs.has_value()) {
+    TORCH_CHECK_VALUE(neg_indices.has_value(),
+                      "noise_probs needs explicit neg_indices (nce_loss draws them from noise_probs)");
+    check_cpu(*noise_probs, "noise_probs");
+    TORCH_CHECK_TYPE(noise_probs->is_floating_point(), "noise_probs must be a floating tensor, got ",
+                     noise_probs->scalar_type());
+    TORCH_CHECK_VALUE(noise_probs->dim() == 1 && noise_probs->size(0) == N, "noise_probs must have shape (N=", N,
+                      ",), got ", noise_probs->sizes());
+    noise = noise_probs->to(at::kFloat).contiguous();
+  }
+
+  const auto acc = acc_dtype(features);
+  auto feat = features.to(acc).contiguous();
+  auto mem = row_major(memory);
+  auto grad = at::empty({B, D}, features.options().dtype(acc));
+  std::vector<double> row_loss(B, 0.0);
+
+  NceArgs a{B, D, N, K, mem.stride(0), y.data_ptr<int64_t>(), neg.defined() ? neg.data_ptr<int64_t>() : nullptr,
+            static_cast<uint64_t>(seed.item<int64_t>()), exclude_positive,
+            noise.defined() ? noise.data_ptr<float>() : nullptr, temperature, proximal, loss_type};
+
+  double z_used = z0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mem.scalar_type(), "nce_forward_cpu", [&] {
+    using bank_t = scalar_t;
+    auto run = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const bank_t* mp = mem.data_ptr<bank_t>();
+      const acc_t* fp = feat.data_ptr<acc_t>();
+      acc_t* gp = grad.data_ptr<acc_t>();
+      if (loss_type == 1) {
+        infonce_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
+      } else if (z0 > 0 && z_ema == 0) {
+        nce_pass<bank_t, acc_t>(a, mp, fp, nullptr, std::log(z0), gp, row_loss.data());
+      } else {
+        std::vector<acc_t> scores(static_cast<size_t>(B) * (K + 1));
+        std::vector<double> row_max(B), row_sum(B);
+        score_pass<bank_t, acc_t>(a, mp, fp, scores.data(), row_max, row_sum);
+        double log_z = log_z_estimate(row_max, row_sum, N, B * (K + 1));
+        if (z0 > 0) {  // moving average of the stored Z and this batch's estimate
+          z_used = z_ema * z0 + (1 - z_ema) * std::exp(log_z);
+          log_z = std::log(z_used);
+        } else {
+          z_used = std::exp(log_z);
+        }
+        nce_pass<bank_t, acc_t>(a, mp, fp, scores.data(), log_z, gp, row_loss.data());
+      }
+      if (proximal > 0) proximal_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
+    };
+    if (acc == at::kDouble) {
+      run(double(0));
+    } else {
+      run(float(0));
+    }
+  });
+
+  double total = 0;
+  for (int64_t b = 0; b < B; ++b) total += row_loss[b];  // serial: independent of the thread count
+  auto loss = at::scalar_tensor(total, features.options().dtype(acc));
+  auto z_out = z_tensor(z_used, features);
+  return {loss, grad, z_out};
+}
+
+// --------------------------------------------------------------------------- //
+// nce_probs / nce_probs_backward                                               //
+// --------------------------------------------------------------------------- //
+void check_idx_matrix(const at::Tensor& idx, int64_t B, int64_t N) {
+  check_cpu(idx, "idx");
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "idx must be an int64 tensor, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == B && idx.size(1) >= 1, "idx must have shape (B=", B,
+                    ", K+1), got ", idx.sizes());
+  check_index_values(idx.data_ptr<int64_t>(), idx.numel(), N, "idx");
+}
+
+std::tuple<at::Tensor, at::Tensor> nce_probs_cpu(const at::Tensor& features, const at::Tensor& memory,
+                                                 const at::Tensor& idx_in, const at::Tensor& z, double temperature) {
+  check_bank_and_features(features, memory);
+  const int64_t B = features.size(0), D = features.size(1), N = memory.size(0);
+  check_temperature(temperature);
+  const double z0 = z_value(z);
+  auto idx = idx_in.contiguous();
+  check_idx_matrix(idx, B, N);
+  const int64_t K1 = idx.size(1);
+
+  const auto acc = acc_dtype(features);
+  auto feat = features.to(acc).contiguous();
+  auto mem = row_major(memory);
+  auto probs = at::empty({B, K1}, features.options().dtype(acc));
+  std::vector<double> row_max(B), row_sum(B);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t rs = mem.stride(0);
+  double z_used = z0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mem.scalar_type(), "nce_probs_cpu", [&] {
+    using bank_t = scalar_t;
+    auto run = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const bank_t* mp = mem.data_ptr<bank_t>();
+      const acc_t* fp = feat.data_ptr<acc_t>();
+      acc_t* pp = probs.data_ptr<acc_t>();
+      const acc_t invT = static_cast<acc_t>(1.0 / temperature);
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {  // logits t = s / T
+    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
+        std::vector<acc_t> buf(D);
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t* ib = ip + b * K1;
+          acc_t* t = pp + b * K1;
+          for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mp + ib[k] * rs, D * sizeof(bank_t));
+          acc_t m = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t k = 0; k < K1; ++k) {
+            if (k + kAhead < K1) prefetch_row(mp + ib[k + kAhead] * rs, D * sizeof(bank_t));
+            t[k] = dot(as_acc<acc_t>(mp + ib[k] * rs, buf.data(), D), fp + b * D, D) * invT;
+            m = std::max(m, t[k]);
+          }
+          double sum = 0;
+          for (int64_t k = 0; k < K1; ++k) sum += std::exp(t[k] - m);
+          row_max[b] = m;
+          row_sum[b] = sum;
+        }
+      });
+      double log_z;
+      if (z0 > 0) {
+        log_z = std::log(z0);
+      } else {
+        log_z = log_z_estimate(row_max, row_sum, N, B * K1);
+        z_used = std::exp(log_z);
+      }
+      const acc_t lz = static_cast<acc_t>(log_z);
+      at::parallel_for(0, B * K1, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) pp[i] = std::exp(pp[i] - lz);
+      });
+    };
+    if (acc == at::kDouble) {
+      run(double(0));
+    } else {
+      run(float(0));
+    }
+  });
+  auto z_out = z_tensor(z_used, features);
+  return {probs, z_out};
+}
+
+at::Tensor nce_probs_backward_cpu(const at::Tensor& grad_probs, const at::Tensor& probs_in, const at::Tensor& memory,
+                                  const at::Tensor& idx_in, double temperature) {
+  check_cpu(probs_in, "probs");
+  check_cpu(grad_probs, "grad_probs");
+  check_cpu(memory, "memory");
+  TORCH_CHECK_TYPE(probs_in.scalar_type() == at::kFloat || probs_in.scalar_type() == at::kDouble,
+                   "probs must be float32 or float64 (the output of nce_probs), got ", probs_in.scalar_type());
+  TORCH_CHECK_VALUE(probs_in.dim() == 2 && probs_in.size(0) > 0 && probs_in.size(1) >= 1,
+                    "probs must be a non-empty (B, K+1) tensor, got shape ", probs_in.sizes());
+  TORCH_CHECK_TYPE(grad_probs.is_floating_point(), "grad_probs must be a floating tensor, got ",
+                   grad_probs.scalar_type());
+  TORCH_CHECK_VALUE(grad_probs.sizes() == probs_in.sizes(), "grad_probs must have the shape of probs ",
+                    probs_in.sizes(), ", got ", grad_probs.sizes());
+  TORCH_CHECK_VALUE(memory.dim() == 2 && memory.size(0) > 0, "memory must be a non-empty 2-D (N, D) tensor, got shape ",
+                    memory.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(memory.scalar_type()),
+                   "memory must be float32/float64/bfloat16/float16, got ", memory.scalar_type());
+  check_temperature(temperature);
+  const int64_t B = probs_in.size(0), K1 = probs_in.size(1), D = memory.size(1), N = memory.size(0);
+  auto idx = idx_in.contiguous();
+  check_idx_matrix(idx, B, N);
+  TORCH_CHECK_VALUE(idx.size(1) == K1, "idx must have the shape of probs ", probs_in.sizes(), ", got ", idx.sizes());
+
+  const auto acc = probs_in.scalar_type();
+  auto probs = probs_in.contiguous();
+  auto gp = grad_probs.to(acc).contiguous();  // also materialises a stride-0 (expanded) gradient
+  auto mem = row_major(memory);
+  auto grad = at::empty({B, D}, probs.options());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t rs = mem.stride(0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mem.scalar_type(), "nce_probs_backward_cpu", [&] {
+    using bank_t = scalar_t;
+    auto run = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const bank_t* mp = mem.data_ptr<bank_t>();
+      const acc_t* pp = probs.data_ptr<acc_t>();
+      const acc_t* gpp = gp.data_ptr<acc_t>();
+      acc_t* out = grad.data_ptr<acc_t>();
+      const acc_t invT = static_cast<acc_t>(1.0 / temperature);
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
+        std::vector<acc_t> buf(D);
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t* ib = ip + b * K1;
+          acc_t* g = out + b * D;
+          std::fill(g, g + D, acc_t(0));
+          for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mp + ib[k] * rs, D * sizeof(bank_t));
+          for (int64_t k = 0; k < K1; ++k) {
+            if (k + kAhead < K1) prefetch_row(mp + ib[k + kAhead] * rs, D * sizeof(bank_t));
+            const acc_t coef = gpp[b * K1 + k] * pp[b * K1 + k] * invT;
+            axpy(g, coef, as_acc<acc_t>(mp + ib[k] * rs, buf.data(), D), D);
+          }
+        }
+      });
+    };
+    if (acc == at::kDouble) {
+      run(double(0));
+    } else {
+      run(float(0));
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instdisc, CPU, m) {
+  m.impl("nce_forward", &nce_forward_cpu);
+  m.impl("nce_probs", &nce_probs_cpu);
+  m.impl("nce_probs_backward", &nce_probs_backward_cpu);
+}
+
+}  // namespace instdisc
