@@ -37,8 +37,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """True when torch.ops.instdisc.<op_name> has a kernel for that dispatch key."""
+    """True when torch.ops.instdisc.<op_name> has a kernel for that dispatch key.
+
+    A trace-time constant for torch.compile (the registry lookup returns a
+    Python bool, which Dynamo cannot put in a graph)."""
     if not extension_loaded():
         return False
     try:

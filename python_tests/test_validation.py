@@ -129,7 +129,7 @@ def test_knn_rejects_bad_input():
         ik.knn_predict(q, bank, labels, k=11)
     with pytest.raises(ValueError, match="bank_labels"):
         ik.knn_predict(q, bank, labels[:5], k=3)
-    with pytest.raises(ValueError, match="bank_labels"):
+    with pytest.raises(TypeError, match="bank_labels"):
         ik.knn_predict(q, bank, labels.float(), k=3)
     with pytest.raises(ValueError, match="queries"):
         ik.knn_predict(torch.randn(2, 5), bank, labels, k=3)
