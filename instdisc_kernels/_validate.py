@@ -98,3 +98,32 @@ def check_features_memory_indices(features, memory, indices, *, values=True):
     check_index_vector("indices", indices, features.shape[0], memory.shape[0], values=values)
     if values:
         check_finite("features", features)
+
+
+def check_loss_config(*, num_samples, dim, num_negatives, temperature, momentum, z, z_ema, proximal,
+                      loss_type, backend, bank_dtype):
+    """Constructor checks shared by the loss modules; returns the initial Z state
+    (-1.0: estimate it on the first batch, for z="first-batch" or "ema")."""
+    from ._backend import BACKENDS
+
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(dim, "dim")
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
+        raise ValueError(f"num_negatives must be an integer >= 0, got {num_negatives!r}")
+    check_temperature(temperature)
+    check_momentum(momentum)
+    check_nonneg_number(proximal, "proximal")
+    if loss_type not in ("nce", "infonce"):
+        raise ValueError(f"loss_type must be 'nce' or 'infonce', got {loss_type!r}")
+    if isinstance(z_ema, bool) or not isinstance(z_ema, (int, float)) or not 0 < z_ema < 1:
+        raise ValueError(f"z_ema must be in (0, 1), got {z_ema!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if bank_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bank_dtype must be a floating dtype, got {bank_dtype}")
+    if isinstance(z, str):
+        if z not in ("first-batch", "ema"):
+            raise ValueError(f"z must be 'first-batch', 'ema' or a positive float, got {z!r}")
+        return -1.0
+    check_temperature(z, "z")
+    return float(z)

@@ -23,17 +23,10 @@ class InstDiscLoss(nn.Module):
                  z="first-batch", z_ema=0.99, proximal=0.0, bank_dtype=torch.float32, loss_type="nce",
                  backend="auto", device=None, generator=None):
         super().__init__()
-        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
-            raise ValueError(f"num_negatives must be an integer >= 0, got {num_negatives!r}")
-        _validate.check_temperature(temperature)
-        _validate.check_nonneg_number(proximal, "proximal")
-        if isinstance(z, str):
-            if z not in ("first-batch", "ema"):
-                raise ValueError(f"z must be 'first-batch', 'ema' or a positive float, got {z!r}")
-            z_init = -1.0
-        else:
-            _validate.check_temperature(z, "z")
-            z_init = float(z)
+        z_init = _validate.check_loss_config(
+            num_samples=num_samples, dim=dim, num_negatives=num_negatives, temperature=temperature,
+            momentum=momentum, z=z, z_ema=z_ema, proximal=proximal, loss_type=loss_type, backend=backend,
+            bank_dtype=bank_dtype)
         self.bank = MemoryBank(num_samples, dim, dtype=bank_dtype, device=device, momentum=momentum,
                                generator=generator)
         self.register_buffer("z", torch.tensor([z_init], dtype=torch.float32, device=device))

@@ -58,28 +58,10 @@ def _check_config(mode, num_samples, dim, num_negatives, temperature, momentum, 
     """Local argument checks; returns the initial Z state (-1: estimate it)."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'replicated' or 'sharded', got {mode!r}")
-    _validate.check_positive_int(num_samples, "num_samples")
-    _validate.check_positive_int(dim, "dim")
-    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
-        raise ValueError(f"num_negatives must be an integer >= 0, got {num_negatives!r}")
-    _validate.check_temperature(temperature)
-    _validate.check_momentum(momentum)
-    _validate.check_nonneg_number(proximal, "proximal")
-    if loss_type not in ("nce", "infonce"):
-        raise ValueError(f"loss_type must be 'nce' or 'infonce', got {loss_type!r}")
-    if isinstance(z, str):
-        if z not in ("first-batch", "ema"):
-            raise ValueError(f"z must be 'first-batch', 'ema' or a positive float, got {z!r}")
-        z_init = -1.0
-    else:
-        _validate.check_temperature(z, "z")
-        z_init = float(z)
-    if isinstance(z_ema, bool) or not isinstance(z_ema, (int, float)) or not 0 < z_ema < 1:
-        raise ValueError(f"z_ema must be in (0, 1), got {z_ema!r}")
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    if bank_dtype not in _validate.FLOAT_DTYPES:
-        raise TypeError(f"bank_dtype must be a floating dtype, got {bank_dtype}")
+    z_init = _validate.check_loss_config(
+        num_samples=num_samples, dim=dim, num_negatives=num_negatives, temperature=temperature,
+        momentum=momentum, z=z, z_ema=z_ema, proximal=proximal, loss_type=loss_type, backend=backend,
+        bank_dtype=bank_dtype)
     if mode == "sharded" and num_samples < world_size:
         raise ValueError(f"num_samples={num_samples} is smaller than the world size {world_size}: "
                          f"a shard would be empty")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate
+from . import _saved_grad
 from .bank_update import bank_update_
 
 LOSS_TYPES = {"nce": 0, "infonce": 1}
@@ -98,21 +99,8 @@ def _nce_forward_fake(features, memory, indices, neg_indices, z, seed, num_negat
             z.new_empty((1,), dtype=torch.float32))
 
 
-def _setup_context(ctx, inputs, output):
-    features = inputs[0]
-    ctx.save_for_backward(output[1])
-    ctx.features_dtype = features.dtype
-
-
-def _backward(ctx, grad_loss, grad_grad, grad_z):
-    (g,) = ctx.saved_tensors
-    grad_features = (grad_loss.to(g.dtype) * g).to(ctx.features_dtype)
-    return (grad_features,) + (None,) * 12
-
-
 def _register(opname):
-    torch.library.register_fake(opname)(_nce_forward_fake)
-    torch.library.register_autograd(opname, _backward, setup_context=_setup_context)
+    _saved_grad.register(opname, _nce_forward_fake)
 
 
 _register("instdisc::nce_forward_reference")

@@ -65,6 +65,7 @@ import math
 import torch
 
 from .. import _backend, _validate
+from . import _saved_grad
 from . import bank_update as _bank_update_mod
 
 PRECISIONS = ("fp32", "bf16")
@@ -198,19 +199,8 @@ def _forward_fake(features, memory, indices, temperature, precision, chunk_size)
     return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.features_dtype = inputs[0].dtype
-
-
-def _backward(ctx, grad_loss, grad_grad):
-    (g,) = ctx.saved_tensors
-    return (grad_loss.to(g.dtype) * g).to(ctx.features_dtype), None, None, None, None, None
-
-
 def _register(opname):
-    torch.library.register_fake(opname)(_forward_fake)
-    torch.library.register_autograd(opname, _backward, setup_context=_setup_context)
+    _saved_grad.register(opname, _forward_fake)
 
 
 _register("instdisc::softmax_forward_chunked")
