@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis ninja
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: venv build test demo bench clean
+.PHONY: venv build test demo bench clean cmake-test
 
 $(STAMP): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,19 @@ build: $(STAMP)
 
 test: build
 	$(BIN)/python -m pytest python_tests/ -q
+	$(BIN)/python -m pytest benchmarks/ -q --benchmark-disable --bench-size=smoke
+	$(MAKE) cmake-test
+
+# CMake build of libinstdisc_ops (CPU-only) and its ctest smoke test, own build dir.
+CMAKE_TEST_DIR := build/cmake-test
+cmake-test: $(STAMP)
+	cmake -S . -B $(CMAKE_TEST_DIR) -DINSTDISC_WITH_CUDA=OFF -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CMAKE_TEST_DIR) -j2
+	ctest --test-dir $(CMAKE_TEST_DIR) --output-on-failure
 
 demo: build
-	$(BIN)/python -m instdisc_kernels.demo
+	$(BIN)/instdisc-train
 
 bench: build
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only

@@ -2,9 +2,12 @@
 // backend in csrc/cpu/ (TORCH_LIBRARY_IMPL CPU) and csrc/cuda/ (CUDA).
 // Fake (meta) kernels and autograd formulas are registered from Python
 // (instdisc_kernels/ops/*.py), as in pytorch/extension-cpp.
+#ifndef INSTDISC_NO_PYTHON  // defined by the CMake build (libinstdisc_ops needs no Python)
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
+#ifndef INSTDISC_NO_PYTHON
 extern "C" {
 // `import instdisc_kernels._C` loads this shared library, which runs the
 // static TORCH_LIBRARY initialisers below. No Python functions are exported.
@@ -14,6 +17,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(instdisc, m) {
   // Memory-bank momentum update (SPEC 1.1), in place:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _backend, _validate, reference
+from .. import _validate, reference
 from ..memory_bank import MemoryBank
 from ..ops.bank_update import bank_update_
 from ..ops.nce import draw_negatives, nce_loss
