@@ -316,6 +316,57 @@ def test_build_criterion_follows_arguments():
     assert train.build_criterion(args, 20, torch.device("cpu")).num_negatives == 0
 
 
+def _lemniscate_nce_step_grads(model, x, idx, memory, neg, z, T):
+    """Parameter gradients of one hand-written lemniscate step (NCEAverage + NCECriterion, eager)
+    and the Z it used (estimated from this batch when z <= 0)."""
+    N, K = memory.shape[0], neg.shape[1]
+    model.zero_grad()
+    f = model(x)
+    w = memory[torch.cat([idx.view(-1, 1), neg], 1)]                 # B x (K+1) x D
+    out = torch.exp(torch.bmm(w, f.unsqueeze(2)).squeeze(2) / T)
+    z = out.mean().item() * N if z <= 0 else z
+    out = out / z
+    Pn, eps = 1.0 / N, 1e-7
+    ln_pmt = torch.log(out[:, 0] / (out[:, 0] + K * Pn + eps))
+    ln_pon = torch.log((K * Pn) / (out[:, 1:] + K * Pn + eps))
+    (-(ln_pmt.sum() + ln_pon.sum()) / x.shape[0]).backward()
+    return [p.grad.clone() for p in model.parameters()], z, f.detach()
+
+
+def test_trainer_nce_step_matches_handwritten_lemniscate_step():
+    """train_one_epoch with --loss nce moves the weights by -lr * (lemniscate's NCE gradient), with Z
+    estimated on the first batch and then kept, and writes the step's own features into the bank."""
+    import copy
+
+    torch.manual_seed(0)
+    bundle = build_data("digits", limit_train=64)
+    x, _, idx = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=32, shuffle=True)))
+    args = train.fill_defaults(train.build_parser().parse_args(
+        ["--loss", "nce", "--nce-k", "48", "--backend", "reference", "--no-progress", "--epochs", "2"]))
+    crit = train.build_criterion(args, bundle.num_train, torch.device("cpu"))
+    model = build_model("smallcnn", dim=128, in_channels=bundle.in_channels)
+    lr = 0.5
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    from instdisc_kernels.ops.nce import draw_negatives
+    for epoch in (1, 2):
+        before = copy.deepcopy(model)
+        mem_old, z_old = crit.memory.clone(), float(crit.z)
+        gen = torch.Generator()
+        gen.set_state(crit.generator.get_state())            # the negatives the step will draw
+        neg = draw_negatives(idx, bundle.num_train, 48, generator=gen)
+        train.train_one_epoch(model, crit, opt, [(x, None, idx)], torch.device("cpu"), args, epoch)
+        grads, z, f = _lemniscate_nce_step_grads(before, x, idx, mem_old, neg, z_old, args.nce_t)
+        assert (z_old <= 0) == (epoch == 1)                  # estimated once, then fixed
+        assert float(crit.z) == pytest.approx(z, rel=1e-5)
+        for p_new, p_old, g in zip(model.parameters(), before.parameters(), grads):
+            torch.testing.assert_close(p_old.detach() - p_new.detach(), lr * g, rtol=1e-4, atol=1e-6)
+        want = torch.nn.functional.normalize(0.5 * mem_old[idx] + 0.5 * f, dim=1)
+        torch.testing.assert_close(crit.memory[idx], want, rtol=1e-5, atol=1e-6)
+        untouched = torch.ones(bundle.num_train, dtype=torch.bool)
+        untouched[idx] = False
+        assert torch.equal(crit.memory[untouched], mem_old[untouched])
+
+
 def test_sharded_bank_under_torchrun_two_processes(tmp_path):
     """`torchrun -m instdisc_kernels.train --bank sharded` on 2 gloo CPU processes."""
     out = tmp_path / "dist"
