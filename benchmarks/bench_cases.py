@@ -93,11 +93,11 @@ def _cases(device_type, size):
             + [Case("knn", I, 1_000, 200, dt, classes=1000) for dt in both],
             "bank_update": _update([C, I], [128, 256], both),
         }
-    return {  # CPU default: the shapes of the CPU performance targets, plus bf16 at CIFAR size
+    return {  # CPU default: the shapes of the CPU performance targets, bf16 at CIFAR size, a K sweep
         "nce": _nce([C, I], [256], [4096], fp32) + _nce([C], [256], [4096], ("bf16",))
-        + _nce([C], [128], [4096], fp32),
+        + _nce([C], [128], [4096], fp32) + _nce([C], [256], [1024, 16384], fp32),
         "softmax": _softmax([C, I], [256], fp32) + _softmax([C], [256], ("bf16",)),
-        "knn": [Case("knn", C, 10_000, 200, "fp32", classes=10)],
+        "knn": [Case("knn", C, 10_000, 200, "fp32", classes=c) for c in (10, 1000)],
         "bank_update": _update([C, I], [256], both),
     }
 
