@@ -11,17 +11,15 @@
 // fp32 on the fly; accumulation is fp32 (fp64 when the features are fp64). Per-row losses go to
 // a buffer that is summed serially, so every output is bit-identical for any thread count.
 //
-// In-kernel negatives: Philox4x32-10 (Salmon et al., SC'11), key = the 64-bit seed, counter =
-// (j / 2 as 64 bits, b as 64 bits) for the j-th negative (j = 0..K-1) of batch row b; draw j uses
-// the 64-bit word (out[0] | out[1] << 32) when j is even, (out[2] | out[3] << 32) when odd, and
-// maps it to [0, M) as floor(r * M / 2^64) (bias below M / 2^64). M = N, or N - 1 with
-// exclude_positive, in which case values >= y[b] are shifted up by one.
+// In-kernel negatives: the Philox stream of csrc/philox.h (the same on the CUDA backend).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "../philox.h"
 
 #include <algorithm>
 #include <cmath>
@@ -43,43 +41,6 @@ constexpr double kEps = 1e-7;   // lemniscate's NCECriterion eps
 // at D = 128: measured best among 1..64 on the 2-core dev machine, a random gather from L3).
 inline int64_t rows_ahead(int64_t row_bytes) {
   return std::clamp<int64_t>(8192 / std::max<int64_t>(row_bytes, 1), 4, 64);
-}
-
-// --------------------------------------------------------------------------- //
-// Philox4x32-10                                                                //
-// --------------------------------------------------------------------------- //
-struct U32x4 {
-  uint32_t v[4];
-};
-
-constexpr U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
-  for (int r = 0; r < 10; ++r) {
-    if (r > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const uint64_t p0 = uint64_t(0xD2511F53u) * c.v[0];
-    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c.v[2];
-    c = U32x4{{uint32_t(p1 >> 32) ^ c.v[1] ^ k0, uint32_t(p1), uint32_t(p0 >> 32) ^ c.v[3] ^ k1,
-               uint32_t(p0)}};
-  }
-  return c;
-}
-
-constexpr bool philox_equals(U32x4 a, uint32_t x0, uint32_t x1, uint32_t x2, uint32_t x3) {
-  return a.v[0] == x0 && a.v[1] == x1 && a.v[2] == x2 && a.v[3] == x3;
-}
-// Known-answer vectors of the Random123 distribution (kat_vectors, philox4x32 10).
-static_assert(philox_equals(philox4x32_10(U32x4{{0, 0, 0, 0}}, 0, 0), 0x6627e8d5u, 0xe169c58du,
-                            0xbc57ac4cu, 0x9b00dbd8u),
-              "Philox4x32-10 known-answer test (zeros)");
-static_assert(philox_equals(philox4x32_10(U32x4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}},
-                                          0xa4093822u, 0x299f31d0u),
-                            0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u),
-              "Philox4x32-10 known-answer test (pi)");
-
-inline int64_t map_to_range(uint64_t r, uint64_t m) {
-  return static_cast<int64_t>((static_cast<unsigned __int128>(r) * m) >> 64);
 }
 
 // --------------------------------------------------------------------------- //
@@ -239,18 +200,15 @@ void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
     std::memcpy(out + 1, a.neg + b * a.K, sizeof(int64_t) * a.K);
     return;
   }
-  const uint32_t k0 = uint32_t(a.seed), k1 = uint32_t(a.seed >> 32);
   const uint64_t ub = static_cast<uint64_t>(b);
   const uint64_t range = static_cast<uint64_t>(a.exclude_positive ? a.N - 1 : a.N);
   const int64_t skip = a.exclude_positive ? a.y[b] : std::numeric_limits<int64_t>::max();
   for (int64_t j = 0; j < a.K; j += 2) {
-    const uint64_t blk = static_cast<uint64_t>(j) >> 1;
-    const U32x4 o = philox4x32_10(U32x4{{uint32_t(blk), uint32_t(blk >> 32), uint32_t(ub), uint32_t(ub >> 32)}},
-                                  k0, k1);
-    int64_t v = map_to_range(uint64_t(o.v[0]) | (uint64_t(o.v[1]) << 32), range);
+    const U32x4 o = negatives_block(a.seed, ub, static_cast<uint64_t>(j) >> 1);
+    int64_t v = map_to_range(block_word(o, 0), range);
     out[1 + j] = v + (v >= skip);
     if (j + 1 < a.K) {
-      v = map_to_range(uint64_t(o.v[2]) | (uint64_t(o.v[3]) << 32), range);
+      v = map_to_range(block_word(o, 1), range);
       out[2 + j] = v + (v >= skip);
     }
   }

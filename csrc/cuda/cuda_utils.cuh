@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "../philox.h"
+
 namespace instdisc {
 namespace cuda {
 
@@ -50,47 +52,13 @@ __device__ __forceinline__ void load_pack(const T* __restrict__ p, acc_t (&out)[
   }
 }
 
-// Philox4x32-10 (Salmon et al., SC'11), written out rather than at::Philox4_32,
-// whose output buffer is indexed at run time and so lands in local memory.
-struct U32x4 {
-  uint32_t v[4];
-};
-
-__host__ __device__ constexpr U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
-  for (int r = 0; r < 10; ++r) {
-    if (r > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const uint64_t p0 = uint64_t(0xD2511F53u) * c.v[0];
-    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c.v[2];
-    c = U32x4{{uint32_t(p1 >> 32) ^ c.v[1] ^ k0, uint32_t(p1), uint32_t(p0 >> 32) ^ c.v[3] ^ k1, uint32_t(p0)}};
-  }
-  return c;
-}
-
-__host__ __device__ constexpr bool philox_kat(U32x4 c, uint32_t k0, uint32_t k1, U32x4 want) {
-  const U32x4 o = philox4x32_10(c, k0, k1);
-  return o.v[0] == want.v[0] && o.v[1] == want.v[1] && o.v[2] == want.v[2] && o.v[3] == want.v[3];
-}
-// Known-answer vectors of the Random123 distribution (philox4x32, 10 rounds).
-static_assert(philox_kat(U32x4{{0, 0, 0, 0}}, 0, 0, U32x4{{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}}),
-              "Philox4x32-10 known-answer test (zeros)");
-static_assert(philox_kat(U32x4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u,
-                         U32x4{{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}}),
-              "Philox4x32-10 known-answer test (pi)");
-
 // The j-th in-kernel negative (before the exclude-positive shift) of batch row b,
-// uniform in [0, n): the same stream as the CPU kernel (csrc/cpu/nce.cpp), so both
-// backends draw identical negatives from one seed. Key = seed, counter = (j / 2, b)
-// as two 64-bit words; draw j takes the 64-bit word (out[0], out[1]) when j is
-// even, (out[2], out[3]) when odd, mapped to [0, n) as floor(r * n / 2^64).
+// uniform in [0, n): the stream of csrc/philox.h, the same as the CPU kernel's.
+// (Written out rather than at::Philox4_32, whose output buffer is indexed at run
+// time and so lands in local memory.)
 __device__ __forceinline__ int64_t philox_index(uint64_t seed, int64_t b, int64_t j, int64_t n) {
-  const uint64_t blk = static_cast<uint64_t>(j) >> 1, ub = static_cast<uint64_t>(b);
-  const U32x4 o = philox4x32_10(U32x4{{uint32_t(blk), uint32_t(blk >> 32), uint32_t(ub), uint32_t(ub >> 32)}},
-                                uint32_t(seed), uint32_t(seed >> 32));
-  const uint64_t r = (j & 1) ? (uint64_t(o.v[2]) | (uint64_t(o.v[3]) << 32)) : (uint64_t(o.v[0]) | (uint64_t(o.v[1]) << 32));
-  return static_cast<int64_t>(__umul64hi(r, static_cast<uint64_t>(n)));
+  const U32x4 o = negatives_block(seed, static_cast<uint64_t>(b), static_cast<uint64_t>(j) >> 1);
+  return map_to_range(block_word(o, static_cast<int>(j & 1)), static_cast<uint64_t>(n));
 }
 
 // Number of SMs of the current device (cached per device).
