@@ -62,33 +62,44 @@ def nce_probs(features, memory, idx, temperature, z):
     return torch.exp(nce_scores(features, memory, idx) / temperature) / z
 
 
-def nce_criterion(probs, num_samples):
-    """lemniscate's NCECriterion: summed over negatives, divided by B only."""
+def noise_prob(idx, num_samples, noise_probs=None):
+    """Pn of every entry of idx: 1/N (lemniscate), or noise_probs[idx] for a non-uniform noise."""
+    if noise_probs is None:
+        return torch.tensor(1.0 / num_samples, dtype=torch.float64)
+    return _f64(noise_probs)[idx]
+
+
+def nce_criterion(probs, num_samples, pn=None):
+    """lemniscate's NCECriterion: summed over negatives, divided by B only.
+
+    pn: Pn per entry (B x (K+1)); None means lemniscate's uniform 1/N."""
     B, K1 = probs.shape
     K = K1 - 1
-    Pn = 1.0 / num_samples
+    Pn = torch.tensor(1.0 / num_samples, dtype=torch.float64) if pn is None else pn
+    Pn_pos, Pn_neg = (Pn, Pn) if Pn.dim() == 0 else (Pn[:, 0], Pn[:, 1:])
     p_pos, p_neg = probs[:, 0], probs[:, 1:]
-    ln_pos = torch.log(p_pos / (p_pos + K * Pn + EPS))
-    ln_neg = torch.log((K * Pn) / (p_neg + K * Pn + EPS))
+    ln_pos = torch.log(p_pos / (p_pos + K * Pn_pos + EPS))
+    ln_neg = torch.log((K * Pn_neg) / (p_neg + K * Pn_neg + EPS))
     return -(ln_pos.sum() + ln_neg.sum()) / B
 
 
-def nce_loss_value(features, memory, idx, temperature, z):
+def nce_loss_value(features, memory, idx, temperature, z, noise_probs=None):
     """The NCE loss (SPEC 1.1) of features against the bank rows idx, for a fixed Z."""
-    return nce_criterion(nce_probs(features, memory, idx, temperature, z), memory.shape[0])
+    N = memory.shape[0]
+    return nce_criterion(nce_probs(features, memory, idx, temperature, z), N, noise_prob(idx, N, noise_probs))
 
 
-def nce_grad(features, memory, idx, temperature, z):
+def nce_grad(features, memory, idx, temperature, z, noise_probs=None):
     """dloss/dF[b] = sum_k dloss/dP[b,k] * P[b,k] / T * V[idx[b,k]] (hand-derived)."""
     N = memory.shape[0]
     B, K1 = idx.shape
     K = K1 - 1
-    c = K / N + EPS
+    c = (K * noise_prob(idx, N, noise_probs) + EPS).expand(B, K1)
     P = nce_probs(features, memory, idx, temperature, z)
     # d/dP of -log(P/(P+c)) = -c/(P(P+c));  of -log(K Pn/(P+c)) = 1/(P+c)
     dP = torch.empty_like(P)
-    dP[:, 0] = -c / (P[:, 0] * (P[:, 0] + c))
-    dP[:, 1:] = 1.0 / (P[:, 1:] + c)
+    dP[:, 0] = -c[:, 0] / (P[:, 0] * (P[:, 0] + c[:, 0]))
+    dP[:, 1:] = 1.0 / (P[:, 1:] + c[:, 1:])
     coef = dP * P / temperature / B
     return torch.einsum("bk,bkd->bd", coef, _f64(memory)[idx])
 
@@ -117,6 +128,27 @@ def proximal_value(features, memory, indices, lam):
 def proximal_grad(features, memory, indices, lam):
     diff = _f64(features) - _f64(memory)[indices]
     return 2.0 * lam * diff / features.shape[0]
+
+
+def nce_forward(features, memory, indices, neg_indices, *, temperature, z=0.0, loss_type="nce", proximal=0.0,
+                z_ema=0.0, noise_probs=None):
+    """What the nce_forward op computes (instdisc_kernels/ops/nce.py), in float64:
+    (loss, dloss/dfeatures, Z). Z: estimated from this batch when z <= 0, the moving
+    average a*z + (1-a)*estimate when z_ema = a > 0, else z; InfoNCE does not use Z."""
+    idx = index_matrix(indices, neg_indices)
+    Z = torch.tensor(float(z), dtype=torch.float64)
+    if loss_type in ("infonce", 1):
+        loss, grad = infonce_loss_value(features, memory, idx, temperature), infonce_grad(features, memory, idx, temperature)
+    else:
+        scores = nce_scores(features, memory, idx)
+        if z <= 0 or z_ema > 0:
+            Z = torch.as_tensor(ema_z(z if z > 0 else None, scores, temperature, memory.shape[0], z_ema))
+        loss = nce_loss_value(features, memory, idx, temperature, Z, noise_probs)
+        grad = nce_grad(features, memory, idx, temperature, Z, noise_probs)
+    if proximal > 0:
+        loss = loss + proximal_value(features, memory, indices, proximal)
+        grad = grad + proximal_grad(features, memory, indices, proximal)
+    return loss, grad, Z
 
 
 # --------------------------------------------------------------------------- #

@@ -188,32 +188,10 @@ def _call(F, mem, y, neg, *, z=0.0, T=0.07, K=None, proximal=0.0, loss_type=0, z
 
 
 def _oracle(F, mem, y, neg, *, z=0.0, T=0.07, proximal=0.0, loss_type=0, z_ema=0.0, noise=None):
-    F, mem, y, neg = F.cpu(), mem.cpu(), y.cpu(), neg.cpu()
-    N = mem.shape[0]
-    idx = ref.index_matrix(y, neg)
-    Z = float(z)
-    if loss_type == 1:
-        loss, grad = ref.infonce_loss_value(F, mem, idx, T), ref.infonce_grad(F, mem, idx, T)
-    else:
-        scores = ref.nce_scores(F, mem, idx)
-        if z <= 0:
-            Z = ref.estimate_z(scores, T, N)
-        elif z_ema > 0:
-            Z = ref.ema_z(z, scores, T, N, z_ema)
-        if noise is None:
-            loss, grad = ref.nce_loss_value(F, mem, idx, T, Z), ref.nce_grad(F, mem, idx, T, Z)
-        else:  # the criterion with Pn = noise[idx] (reference.py covers uniform Pn only)
-            P = torch.exp(scores / T) / Z
-            c = neg.shape[1] * noise.cpu().double()[idx] + ref.EPS
-            loss = -(torch.log(P[:, 0] / (P[:, 0] + c[:, 0])).sum()
-                     + torch.log((c[:, 1:] - ref.EPS) / (P[:, 1:] + c[:, 1:])).sum()) / F.shape[0]
-            dP = torch.empty_like(P)
-            dP[:, 0] = -c[:, 0] / (P[:, 0] * (P[:, 0] + c[:, 0]))
-            dP[:, 1:] = 1.0 / (P[:, 1:] + c[:, 1:])
-            grad = torch.einsum("bk,bkd->bd", dP * P / (T * F.shape[0]), mem.double()[idx])
-    if proximal > 0:
-        loss = loss + ref.proximal_value(F, mem, y, proximal)
-        grad = grad + ref.proximal_grad(F, mem, y, proximal)
+    """(loss, grad, Z) in float64 from reference.py, on CPU."""
+    loss, grad, Z = ref.nce_forward(F.cpu(), mem.cpu(), y.cpu(), neg.cpu(), temperature=T, z=z, loss_type=loss_type,
+                                    proximal=proximal, z_ema=z_ema,
+                                    noise_probs=None if noise is None else noise.cpu())
     return float(loss), grad, float(Z)
 
 

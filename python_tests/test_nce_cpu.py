@@ -45,22 +45,7 @@ def _call(op, F, mem, y, neg, *, z=0.0, T=0.07, K=None, proximal=0.0, loss_type=
 
 def _oracle(F, mem, y, neg, *, z=0.0, T=0.07, proximal=0.0, loss_type=0, z_ema=0.0):
     """(loss, grad, Z) in float64 from reference.py."""
-    N = mem.shape[0]
-    idx = ref.index_matrix(y, neg)
-    Z = float(z)
-    if loss_type == 1:
-        loss, grad = ref.infonce_loss_value(F, mem, idx, T), ref.infonce_grad(F, mem, idx, T)
-    else:
-        scores = ref.nce_scores(F, mem, idx)
-        if z <= 0:
-            Z = ref.estimate_z(scores, T, N)
-        elif z_ema > 0:
-            Z = ref.ema_z(z, scores, T, N, z_ema)
-        loss, grad = ref.nce_loss_value(F, mem, idx, T, Z), ref.nce_grad(F, mem, idx, T, Z)
-    if proximal > 0:
-        loss = loss + ref.proximal_value(F, mem, y, proximal)
-        grad = grad + ref.proximal_grad(F, mem, y, proximal)
-    return loss, grad, torch.as_tensor(Z, dtype=torch.float64)
+    return ref.nce_forward(F, mem, y, neg, temperature=T, z=z, loss_type=loss_type, proximal=proximal, z_ema=z_ema)
 
 
 def _assert_vs_oracle(ours, eager, exact, what):

@@ -37,27 +37,8 @@ def _data(B, K, D, N, *, bank_dtype=torch.float32, feat_dtype=torch.float32, see
 
 def _oracle(feats, mem, y, neg, T, *, loss_type=0, z=0.0, z_ema=0.0, lam=0.0, noise=None):
     """(loss, grad, Z) in float64 from reference.py."""
-    idx = ref.index_matrix(y, neg)
-    if loss_type == 1:
-        loss, grad, Z = ref.infonce_loss_value(feats, mem, idx, T), ref.infonce_grad(feats, mem, idx, T), z
-    else:
-        Z = ref.ema_z(z if z > 0 else None, ref.nce_scores(feats, mem, idx), T, mem.shape[0], z_ema) \
-            if (z <= 0 or z_ema > 0) else torch.tensor(z, dtype=torch.float64)
-        if noise is None:
-            loss, grad = ref.nce_loss_value(feats, mem, idx, T, Z), ref.nce_grad(feats, mem, idx, T, Z)
-        else:   # non-uniform Pn: the criterion written out with Pn = noise[idx]
-            P = ref.nce_probs(feats, mem, idx, T, Z)
-            c = neg.shape[1] * noise.double()[idx]
-            ln = torch.log(P / (P + c + ref.EPS))
-            ln[:, 1:] = torch.log(c[:, 1:] / (P[:, 1:] + c[:, 1:] + ref.EPS))
-            loss = -ln.sum() / feats.shape[0]
-            dP = 1.0 / (P + c + ref.EPS)
-            dP[:, 0] = -(c[:, 0] + ref.EPS) / (P[:, 0] * (P[:, 0] + c[:, 0] + ref.EPS))
-            w = dP * P / (T * feats.shape[0])
-            grad = torch.einsum("bk,bkd->bd", w, mem.double()[idx])
-    if lam > 0:
-        loss = loss + ref.proximal_value(feats, mem, y, lam)
-        grad = grad + ref.proximal_grad(feats, mem, y, lam)
+    loss, grad, Z = ref.nce_forward(feats, mem, y, neg, temperature=T, z=z, loss_type=loss_type, proximal=lam,
+                                    z_ema=z_ema, noise_probs=noise)
     return loss, grad, float(Z)
 
 
