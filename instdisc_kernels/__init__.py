@@ -2,10 +2,11 @@
 
 Public API::
 
-    nce_loss, nonparametric_softmax_loss, bank_update_, knn_predict, knn_accuracy,
+    nce_loss, nonparametric_softmax_loss, bank_update_, knn_predict, knn_accuracy, evaluate_knn,
     MemoryBank, InstDiscLoss, NCEAverage, NCECriterion, LinearAverage
 """
 from . import _backend, reference  # noqa: F401
+from .evaluate import evaluate_knn
 from .lemniscate import LinearAverage, NCEAverage, NCECriterion
 from .memory_bank import MemoryBank
 from .modules import InstDiscLoss
@@ -17,6 +18,6 @@ from .ops.softmax import nonparametric_softmax_loss
 __version__ = "0.1.0"
 
 __all__ = [
-    "nce_loss", "nonparametric_softmax_loss", "bank_update_", "knn_predict", "knn_accuracy",
+    "nce_loss", "nonparametric_softmax_loss", "bank_update_", "knn_predict", "knn_accuracy", "evaluate_knn",
     "MemoryBank", "InstDiscLoss", "NCEAverage", "NCECriterion", "LinearAverage", "reference",
 ]
