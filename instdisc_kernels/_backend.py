@@ -7,7 +7,7 @@ Each op module declares which backends it implements; ``resolve`` picks one.
 """
 from __future__ import annotations
 
-import functools
+import importlib
 import os
 
 import torch
@@ -15,22 +15,25 @@ import torch
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(None)
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+# Decided once at import (plain constants, so torch.compile reads them without tracing).
+_EXTENSION_LOADED = _importable("instdisc_kernels._C")   # registers torch.ops.instdisc.*
+_TRITON_IMPORTABLE = _importable("triton")
+
+
 def extension_loaded() -> bool:
-    try:
-        import instdisc_kernels._C  # noqa: F401  (registers torch.ops.instdisc.*)
-    except ImportError:
-        return False
-    return True
+    return _EXTENSION_LOADED
 
 
-@functools.lru_cache(None)
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreting() -> bool:

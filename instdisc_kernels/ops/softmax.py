@@ -222,26 +222,18 @@ def _forward_op(backend):
     }[backend]
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    return _backend.resolve(backend, torch.device(device_type), op="nonparametric_softmax_loss",
-                            has_triton=_HAS_TRITON, cpu_impl=True)
-
-
 def resolve_backend(backend, device):
     if backend == "cuda":
         raise ValueError("backend='cuda' is not available for nonparametric_softmax_loss "
                          "(no CUDA C++ kernel): use 'triton' or 'auto'")
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    return _resolve(backend, device.type)
+    return _backend.resolve(backend, device, op="nonparametric_softmax_loss", has_triton=_HAS_TRITON,
+                            cpu_impl=True)
 
 
-@torch.compiler.assume_constant_result
-def _bank_backend(be: str, device_type: str) -> str:
-    """The bank update runs on the same backend when it has one, else on bank_update_'s
-    "auto" choice. A trace-time constant (torch.compile cannot trace the registry lookup)."""
-    dev = torch.device(device_type)
+def _bank_backend(be: str, dev: torch.device) -> str:
+    """The bank update runs on the same backend when it has one, else on bank_update_'s "auto" choice."""
     kw = dict(cpp_op="bank_update_", has_triton=_bank_update_mod._HAS_TRITON)
     if _backend.available(be, dev, **kw):
         return be
@@ -282,9 +274,6 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
     loss, _ = _forward_op(be)(features.contiguous(), memory, indices, float(temperature), precision,
                               int(chunk_size or 0))
     if update_memory:
-        # inputs are validated above; call the op directly (bank_update_'s own backend
-        # lookup is not traceable by torch.compile)
-        with torch.no_grad():
-            _bank_update_mod._op(_bank_backend(be, features.device.type))(
-                memory, indices, features.detach().contiguous(), float(momentum))
+        _bank_update_mod.bank_update_(memory, indices, features.detach(), momentum,
+                                      backend=_bank_backend(be, features.device), validate=False)
     return loss
