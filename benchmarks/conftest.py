@@ -162,6 +162,13 @@ class BenchSession:
         self.records.append(dict(benchmark.extra_info))
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test and benchmark starts from the same RNG state (as in python_tests/)."""
+    torch.manual_seed(0)
+    yield
+
+
 @pytest.fixture
 def case(request, case_id):
     op = request.function.__name__.removeprefix("test_")
