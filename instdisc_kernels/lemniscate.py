@@ -32,9 +32,9 @@ def _check_xy(x, y, memory):
 class _NCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, memory, idx, params, backend):
-        K, T, momentum = int(params[0].item()), float(params[1].item()), float(params[3].item())
+        _, T, Z, momentum = params.tolist()                    # one host read of [K, T, Z, m]
         probs, z_out = _probs.nce_probs(x.detach(), memory, idx, params[2], T, backend)
-        if float(params[2]) < 0:
+        if Z < 0:
             params[2] = z_out.to(params.dtype).reshape(())
             print("normalization constant Z is set to {:.1f}".format(float(params[2])))
         # The bank is held by reference, not saved: it is updated in place in
@@ -43,7 +43,6 @@ class _NCEFunction(torch.autograd.Function):
         ctx.save_for_backward(x.detach(), y, idx, probs)
         ctx.memory = memory
         ctx.T, ctx.momentum, ctx.backend = T, momentum, backend
-        del K
         return probs.to(x.dtype)
 
     @staticmethod
@@ -119,7 +118,7 @@ class NCECriterion(nn.Module):
 class _LinearAverageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, memory, params):
-        T, momentum = float(params[0].item()), float(params[1].item())
+        T, momentum = params.tolist()
         out = torch.mm(x.detach().to(memory.dtype), memory.t()).to(x.dtype) / T
         ctx.save_for_backward(x.detach(), y)
         ctx.memory = memory                      # updated in place in backward

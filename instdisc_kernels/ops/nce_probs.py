@@ -31,17 +31,15 @@ def probs_backward_reference(grad_probs, probs, memory, idx, temperature):
     return torch.einsum("bk,bkd->bd", coef, memory[idx].to(probs.dtype))
 
 
-def _has_triton(name):
-    try:
-        from . import nce_triton  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.ops.instdisc, name)
+try:
+    from . import nce_triton  # noqa: F401  (defines instdisc::nce_probs_triton and its backward)
+    _HAS_TRITON = hasattr(torch.ops.instdisc, "nce_probs_triton")
+except ImportError:
+    _HAS_TRITON = False
 
 
 def resolve(backend, device):
-    return _backend.resolve(backend, device, op="NCEAverage", cpp_op="nce_probs",
-                            has_triton=_has_triton("nce_probs_triton"))
+    return _backend.resolve(backend, device, op="NCEAverage", cpp_op="nce_probs", has_triton=_HAS_TRITON)
 
 
 def nce_probs(features, memory, idx, z, temperature, backend):
