@@ -78,7 +78,7 @@ def _softmax_partial_kernel(F_ptr, V_ptr, m_ptr, l_ptr, acc_ptr, B, N, D, rows_p
              mask=bmask[:, None] & dmask[None, :])
 
 
-def _launch_params(B, N, D, rows_per_split, device):
+def _launch_params(B, N, D, rows_per_split, precision, device):
     interp = device.type != "cuda"
     block_d = max(16, triton.next_power_of_2(D))
     if interp:
@@ -86,10 +86,24 @@ def _launch_params(B, N, D, rows_per_split, device):
         block_b = min(64, max(16, triton.next_power_of_2(B)))
         block_n = 128
         num_warps = 4
-    else:
+    elif precision == "bf16":
         block_b = 64 if B > 32 else max(16, triton.next_power_of_2(B))
         block_n = 64 if block_d <= 128 else 32
         num_warps = 4 if block_d <= 128 else 8
+    else:
+        # "fp32": tf32x3 keeps hi/lo halves of every operand live. sm_90 AOT, D = 128
+        # (python_tests/test_triton_aot.py, triton 3.8 and 3.6), BLOCK_B x BLOCK_N:
+        # the bf16 sizes (64 x 64, 4 warps) hit 255 registers and spill ~390 B; every
+        # 64-row tile spills 8-660 B; 128 x 32 with 8 warps: 255 registers, 16 B spilled
+        # on 3.6; 32 x 32 with 8 warps: 228-246 registers, no spill; 16 x 32 with 4
+        # warps (B <= 16): 165-200, no spill. D > 128 spills in every shape tried:
+        # 16 x 16 with 8 warps least (0-16 B; 64 x 32: ~880 B).
+        if block_d <= 128:
+            block_b = 32 if B > 16 else 16
+            block_n = 32
+            num_warps = 8 if block_b == 32 else 4
+        else:
+            block_b, block_n, num_warps = 16, 16, 8
     n_row_blocks = triton.cdiv(B, block_b)
     if rows_per_split <= 0:
         if interp:
@@ -115,7 +129,8 @@ def forward_triton(features, memory, indices, temperature, precision="fp32", chu
     if V.dtype == torch.float64:
         V = V.float()
     interp = triton_interpreting() and F.device.type == "cpu"
-    block_b, block_n, block_d, num_warps, n_rb, rps, splits = _launch_params(B, N, D, chunk_size, F.device)
+    block_b, block_n, block_d, num_warps, n_rb, rps, splits = _launch_params(B, N, D, chunk_size, precision,
+                                                                             F.device)
     m = torch.empty(splits, B, dtype=torch.float32, device=F.device)
     l = torch.empty(splits, B, dtype=torch.float32, device=F.device)
     A = torch.empty(splits, B, D, dtype=torch.float32, device=F.device)
