@@ -43,4 +43,11 @@ TORCH_LIBRARY(instdisc, m) {
         "-> (Tensor probs, Tensor z_out)");
   m.def("nce_probs_backward(Tensor grad_probs, Tensor probs, Tensor memory, Tensor idx, "
         "float temperature) -> Tensor");
+
+  // Weighted-kNN top-k (SPEC 1.3): the k most similar bank rows per query,
+  // sorted by (similarity desc, index asc); similarities in float64 (Q, k).
+  // CPU: bf16 prefilter with a rigorous error bound, exact float64 rescore.
+  // portable: never use the AVX512-BF16 path (tests of the portable loop).
+  m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk_size, bool portable) "
+        "-> (Tensor values, Tensor indices)");
 }

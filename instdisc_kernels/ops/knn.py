@@ -3,14 +3,22 @@
     sim = Q . Vtrain^T; top k per query; class score c = sum over the top k
     neighbours with label c of exp(sim / sigma); top-1 / top-5 by score.
 
-Streams over the train features (bank rows or recomputed features) in chunks
-of ``chunk_size`` rows, queries in batches of ``query_batch``, keeping a
+Two implementations, both exact and never building the Q x N matrix:
+
+The fused C++ kernel (``knn_topk_fused``, see Backends) returns the float64
+top k: similarities rescored in float64 from the inputs, ties to the lower
+bank index, the same answer as the float64 reference.
+
+The chunked torch path (``knn_topk``) streams over the train features in
+chunks of ``chunk_size`` rows, queries in batches of ``query_batch``, keeping a
 running top k per query: peak extra memory O(query_batch x (chunk + k)) plus
-the (Q, k) result, never Q x N. Similarities are exact in the inputs' opmath
-(fp32 GEMM; float64 for float64 inputs); bf16/fp16 inputs are upcast per chunk.
+the (Q, k) result. Similarities are exact in the inputs' opmath (fp32 GEMM;
+float64 for float64 inputs; bf16/fp16 inputs are upcast per chunk), so rows
+whose similarities differ by less than fp32 rounding may order differently
+from the float64 reference.
 
 Ties in similarity go to the lower bank index (what a stable descending sort
-does, and what the reference does). Why the fast path keeps that rule:
+does, and what the reference does). Why the chunked path keeps that rule:
 * chunks are visited in increasing index order, so on a tie between a running
   entry and a new chunk entry the running one (lower index) must win; the
   merge concatenates [running, chunk] and never lets a chunk entry in at a
@@ -20,26 +28,31 @@ does, and what the reference does). Why the fast path keeps that rule:
   entries are >= it: a tie straddles the cut) that row is redone with an
   exact (value desc, index asc) sort, which only happens on exact ties;
 * the final (Q, k) lists are sorted by (value desc, index asc).
-Speed: the first chunk of each query batch is reduced to the max of each group
-of GROUP consecutive columns; the k best groups hold the top k unless the
-(k+1)-th group max reaches the k-th selected value (those rows are redone on
-the whole chunk). Later chunks keep only the groups whose max beats the running
-k-th value (the top-M groups, M = the largest such count in the batch) and
-skip the chunk when there are none. On 2 CPU cores (10,000 x 50,000, D = 128,
-k = 200) the GEMM is about 2/3 of the time and torch.topk most of the rest:
-about as fast as lemniscate's loop (mm + topk + one-hot) for 10 classes and
-about 2x faster for 1000 classes (lemniscate's one-hot is batch x k x C).
-Going further needs a fused C++ sims + threshold-scan kernel. (A bf16 GEMM
-prefilter with exact float64 rescoring was tried and dropped: its rigorous
-similarity error bound, 3.1 * 2^-8 for unit rows, is ~10x the gap between the
-k-th and the (k + k/4)-th similarity on clustered data, so nearly every row had
-to be redone.)
+Speed of the chunked path: the first chunk of each query batch is reduced to
+the max of each group of GROUP consecutive columns; the k best groups hold the
+top k unless the (k+1)-th group max reaches the k-th selected value (those rows
+are redone on the whole chunk). Later chunks keep only the groups whose max
+beats the running k-th value (the top-M groups, M = the largest such count in
+the batch) and skip the chunk when there are none. On 2 CPU cores (10,000 x
+50,000, D = 128, k = 200) its fp32 GEMM is about 2/3 of the time: hence the
+fused kernel, whose bf16 register-tile prefilter runs at several times the
+fp32 GEMM rate.
 
-Backends: there is no custom kernel. "auto", "cpu" and "cuda" run the chunked
-torch path above on the tensors' device (on a GPU, cuBLAS GEMMs and torch.topk;
-a fused Triton sims + running-top-k kernel is not written); "reference" builds
-the full Q x N matrix and stable-sorts it (tests). kNN is evaluation only: no
-autograd.
+Backends:
+* "cpu" (and "auto" on CPU when the CPU has AVX512-BF16): the fused C++ kernel
+  torch.ops.instdisc.knn_topk (csrc/cpu/knn.cpp). A bf16 similarity prefilter
+  computed in registers (vdpbf16ps) keeps, per query, only the rows within a
+  rigorous error bound of the running k-th similarity; those are rescored in
+  float64 from the original inputs. The result is the float64 top k (what the
+  reference computes), never an approximation, and the Q x N matrix is never
+  built: extra memory is O(Q x (256 + candidates) + chunk x D). Without
+  AVX512-BF16 the same kernel runs a portable prefilter loop ("cpu" only:
+  "auto" then takes the chunked path above, faster there).
+* the chunked torch path above: "auto" on CUDA and on CPUs without
+  AVX512-BF16, or when the extension is not built ("cuda" names it on a GPU:
+  cuBLAS GEMMs and torch.topk; a fused Triton kNN kernel is not written).
+* "reference" builds the full Q x N matrix and stable-sorts it (tests).
+kNN is evaluation only: no autograd.
 """
 from __future__ import annotations
 
@@ -201,6 +214,32 @@ def knn_topk(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_
     return out_v, out_i
 
 
+# --------------------------------------------------------------------------- #
+# The fused C++ kernel                                                         #
+# --------------------------------------------------------------------------- #
+if _backend.extension_loaded():
+    @torch.library.register_fake("instdisc::knn_topk")
+    def _knn_topk_fake(queries, bank, k, chunk_size, portable):
+        Q = queries.shape[0]
+        return (queries.new_empty((Q, k), dtype=torch.float64), queries.new_empty((Q, k), dtype=torch.int64))
+
+    _FUSED_SIMD = bool(torch.ops.instdisc.knn_cpu_has_avx512bf16())
+else:
+    _FUSED_SIMD = False
+
+
+def fused_available(device) -> bool:
+    """Whether the fused C++ kNN kernel runs on ``device`` (any x86/ARM CPU with the extension)."""
+    return device.type == "cpu" and _backend.has_kernel("knn_topk", "CPU")
+
+
+def knn_topk_fused(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
+    """(values, indices) (Q, k) from the fused C++ kernel: the float64 top k by
+    (similarity desc, index asc); values in the inputs' opmath dtype."""
+    v, i = torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size, portable)
+    return v.to(_opmath(queries.dtype, bank.dtype)), i
+
+
 def _topk_reference(queries, bank, k):
     acc = _opmath(queries.dtype, bank.dtype)
     sim = queries.to(acc) @ bank.to(acc).t()                          # Q x N
@@ -222,14 +261,24 @@ def _check_labels(name, labels, length, num_classes, *, values=True):
 
 
 def _resolve(backend, device):
+    """"reference", "fused" (the C++ kernel) or "chunked" (torch GEMM + running top-k)."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
     if backend == "triton":
         raise ValueError("backend='triton' is not available for knn_predict (no Triton kNN kernel; "
-                         "backend='auto' runs the chunked torch path on any device)")
+                         "backend='auto' picks the fastest available path on any device)")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend={backend!r} is not available for knn_predict on device {device}")
-    return "reference" if backend == "reference" else "chunked"
+    if backend == "reference":
+        return "reference"
+    if backend == "cpu":
+        if not fused_available(device):
+            raise ValueError("backend='cpu' is not available for knn_predict: the C++ extension "
+                             "instdisc_kernels._C is not built (backend='auto' runs the chunked torch path)")
+        return "fused"
+    if backend == "auto" and _FUSED_SIMD and fused_available(device):
+        return "fused"
+    return "chunked"
 
 
 def _num_classes(num_classes, *labels):
@@ -280,6 +329,8 @@ def knn_predict(queries, bank, bank_labels, *, k=200, temperature=0.07, num_clas
     be = _resolve(backend, queries.device)
     if be == "reference":
         vals, idx = _topk_reference(queries, bank, k)
+    elif be == "fused":
+        vals, idx = knn_topk_fused(queries, bank, k, chunk_size=chunk_size)
     else:
         vals, idx = knn_topk(queries, bank, k, chunk_size=chunk_size, query_batch=query_batch)
     return _scores(vals, idx, bank_labels, temperature, num_classes)

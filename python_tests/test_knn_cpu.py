@@ -1,0 +1,185 @@
+"""The fused C++ kNN kernel (csrc/cpu/knn.cpp) against the float64 oracle.
+
+Its answer is the float64 top k (bf16 prefilter with a rigorous bound, float64
+rescore), so indices must equal the oracle's stable sort exactly, on both the
+AVX512-BF16 prefilter and the portable one."""
+import os
+
+import pytest
+import torch
+
+from instdisc_kernels import knn_predict
+from instdisc_kernels import reference as R
+from instdisc_kernels.ops import knn as K
+from test_knn import _clustered, _stable_topk, _tied_data, _unit
+
+pytestmark = pytest.mark.skipif(not K.fused_available(torch.device("cpu")),
+                                reason="the C++ extension instdisc_kernels._C is not built")
+
+PREFILTERS = [
+    pytest.param(False, id="avx512bf16", marks=pytest.mark.skipif(
+        not K._FUSED_SIMD, reason="this CPU has no AVX512-BF16 (the portable prefilter is tested)")),
+    pytest.param(True, id="portable"),
+]
+
+
+def _check(q, bank, k, portable, chunk=K.DEFAULT_CHUNK):
+    v, i = K.knn_topk_fused(q, bank, k, chunk_size=chunk, portable=portable)
+    rv, ri = _stable_topk(q, bank, k)
+    assert v.shape == (q.shape[0], k) and i.dtype == torch.int64
+    assert v.dtype == (torch.float64 if torch.float64 in (q.dtype, bank.dtype) else torch.float32)
+    assert torch.equal(i, ri)
+    # float64 similarities, returned in the opmath dtype: only the final rounding differs
+    rel = 1e-12 if v.dtype == torch.float64 else 2.0 ** -23
+    assert ((v.double() - rv).abs() <= rel * rv.abs().clamp(min=1)).all()
+
+
+SHAPES = [  # Q, N, D, k, chunk
+    (1, 1, 1, 1, 64),            # the smallest call
+    (7, 300, 100, 10, 64),       # N not a multiple of the chunk or of the 32-row tile
+    (5, 50, 3, 50, 16),          # k = N, odd D
+    (9, 1000, 129, 1, 100),      # k = 1, D = 129 (odd pair count)
+    (17, 2000, 128, 200, 256),   # the default k, Q not a multiple of the 8-query tile
+    (3, 17, 5, 17, 64),          # N < one tile
+    (6, 90, 8, 40, 7),           # chunk < k: the lists fill over several chunks
+    (65, 33, 16, 20, 32),        # Q over one 64-query block, N = one tile + 1
+]
+
+
+@pytest.mark.parametrize("portable", PREFILTERS)
+@pytest.mark.parametrize("Q,N,D,k,chunk", SHAPES)
+def test_matches_oracle(Q, N, D, k, chunk, portable):
+    q, _, bank, _ = _clustered(Q, N, D, 5)
+    _check(q, bank, k, portable, chunk)
+
+
+@pytest.mark.parametrize("portable", PREFILTERS)
+@pytest.mark.parametrize("qdtype,bdtype", [
+    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+    (torch.float64, torch.float64), (torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16)])
+def test_dtypes(qdtype, bdtype, portable):
+    # stored values are upcast exactly: the oracle sees the same numbers
+    q, _, bank, _ = _clustered(11, 700, 32, 4)
+    _check(q.to(qdtype), bank.to(bdtype), 25, portable, chunk=128)
+
+
+@pytest.mark.parametrize("portable", PREFILTERS)
+def test_differences_below_bf16_resolution(portable):
+    # bank rows that bf16 rounds to the same vector but that differ in fp32: the
+    # prefilter cannot rank them, the bound must keep all of them for the rescore
+    base = _unit(1, 64)[0]
+    direction = _unit(1, 64)[0]
+    steps = torch.randperm(400).double()
+    bank = torch.nn.functional.normalize(base + 1e-6 * steps[:, None] * direction, dim=1).float()
+    bank = torch.cat([bank, _unit(600, 64).float()])
+    q = torch.stack([base, direction, (base + direction) / 2]).float()
+    # ranking by bf16 similarities alone would be wrong
+    bf16_rank = (q.bfloat16().double() @ bank.bfloat16().double().t()).topk(150, dim=1).indices
+    assert not torch.equal(bf16_rank.sort(1).values, _stable_topk(q, bank, 150)[1].sort(1).values)
+    _check(q, bank, 150, portable)
+
+
+@pytest.mark.parametrize("portable", PREFILTERS)
+@pytest.mark.parametrize("order", ["ascending", "descending", "equal"])
+def test_adversarial_orders(order, portable):
+    # ascending: every row enters the running top k (most threshold updates and
+    # histogram rebuilds); equal: every similarity ties
+    q = _unit(3, 32).float()
+    bank = _unit(3000, 32).float()
+    if order == "equal":
+        bank = bank[:1].expand(3000, 32).contiguous()
+    else:
+        sim = bank.double() @ q[0].double()
+        bank = bank[sim.argsort(descending=order == "descending")].contiguous()
+    for k in (1, 64, 300):
+        _check(q, bank, k, portable, chunk=1000)
+
+
+@pytest.mark.parametrize("portable", PREFILTERS)
+def test_ties_lower_index_first(portable):
+    q, bank = _tied_data()
+    for k in (1, 5, 40, 41, 120):
+        _, i = K.knn_topk_fused(q, bank, k, chunk_size=33, portable=portable)
+        assert torch.equal(i, _stable_topk(q, bank, k)[1]), k
+
+
+@pytest.mark.parametrize("portable", PREFILTERS)
+def test_scaled_rows(portable):
+    # the bound scales with the norms: rows far from unit length
+    q, _, bank, _ = _clustered(9, 500, 24, 3)
+    _check(q * 1e3, bank * torch.logspace(-3, 3, 500)[:, None], 30, portable)
+
+
+def test_prefilters_agree_on_larger_data():
+    if not K._FUSED_SIMD:
+        pytest.skip("this CPU has no AVX512-BF16: only the portable prefilter exists here")
+    q, _, bank, _ = _clustered(200, 6000, 128, 10, spread=0.7)
+    a = K.knn_topk_fused(q, bank, 200)
+    b = K.knn_topk_fused(q, bank, 200, portable=True)
+    rv, ri = _stable_topk(q, bank, 200)
+    assert torch.equal(a[1], ri) and torch.equal(b[1], ri)
+
+
+def test_knn_predict_backends_agree():
+    q, _, bank, lab = _clustered(20, 900, 16, 6)
+    ref = R.knn_scores(q, bank, lab, 40, 0.07, 6)
+    for backend in ("cpu", "auto", "reference"):
+        sc = knn_predict(q, bank, lab, k=40, num_classes=6, backend=backend)
+        assert ((sc.double() - ref).abs() <= 2e-5 * ref.abs().amax(1, keepdim=True)).all(), backend
+    assert K._resolve("cpu", q.device) == "fused"
+    assert K._resolve("auto", q.device) == ("fused" if K._FUSED_SIMD else "chunked")
+
+
+def test_non_finite_similarities_are_an_error():
+    q, _, bank, lab = _clustered(4, 100, 8, 2)
+    q[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="queries"):
+        knn_predict(q, bank, lab, k=5, backend="cpu")
+    with pytest.raises(RuntimeError, match="query 1 is not finite"):   # validate=False: the kernel refuses
+        knn_predict(q, bank, lab, k=5, backend="cpu", validate=False)
+    q[1, 0] = 0
+    bank[7, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="bank row 7 is not finite"):
+        knn_predict(q, bank, lab, k=5, backend="cpu", validate=False)
+
+
+def test_opcheck():
+    q, _, bank, _ = _clustered(5, 120, 12, 3)
+    torch.library.opcheck(torch.ops.instdisc.knn_topk.default, (q, bank, 7, 50, True))
+    torch.library.opcheck(torch.ops.instdisc.knn_topk.default, (q.double(), bank.bfloat16(), 7, 50, False))
+
+
+# --------------------------------------------------------------------------- #
+# Memory: no Q x N buffer, measured as the peak resident set (C++ allocations  #
+# are invisible to torch's allocator hooks)                                    #
+# --------------------------------------------------------------------------- #
+def _peak_rss_growth(fn):
+    """Peak RSS during fn() minus RSS before, in bytes (Linux VmHWM, reset via clear_refs)."""
+    def field(name):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(name)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = field("VmRSS")
+    if field("VmHWM") > before + (1 << 20):
+        raise OSError("VmHWM was not reset")
+    out = fn()
+    return field("VmHWM") - before, out
+
+
+def test_peak_memory_has_no_q_by_n_term():
+    try:
+        _peak_rss_growth(lambda: None)
+    except OSError as e:
+        pytest.skip(f"peak RSS cannot be reset on this kernel ({e})")
+    Q, N, D, k = 1500, 40_000, 16, 50
+    q, bank = _unit(Q, D).float(), _unit(N, D).float()
+    qxn = Q * N * 4
+    eager, _ = _peak_rss_growth(lambda: (q @ bank.t()).topk(k, dim=1))
+    assert eager >= qxn * 0.9                  # the detector sees a Q x N matrix
+    fused, (v, i) = _peak_rss_growth(lambda: K.knn_topk_fused(q, bank, k))
+    assert fused < qxn / 8, (fused, qxn)
+    assert torch.equal(i[:50], _stable_topk(q[:50], bank, k)[1])
