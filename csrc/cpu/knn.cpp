@@ -26,7 +26,9 @@
 // plus 2^-126 (sqrt(n) (|q~| + max|v~|) + 2n) for vdpbf16ps's flush of
 // subnormal inputs and results. For unit rows E is about 0.005; a list holds
 // about k + the rows within 2E (+ one bin) of the k-th similarity.
-// Extra memory: Q x (256 counters + list) + one packed chunk (chunk x D bf16).
+// Extra memory: G x (256 counters + list of ~2 (k + band) entries, 8 B each) +
+// one packed chunk (chunk x D bf16) + Q x D float64; G = min(Q, 2048) when
+// the bank fits in one chunk, else Q.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -395,70 +397,82 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   const int64_t Qpad = (Q + MR - 1) / MR * MR;
   std::vector<uint32_t> qpack(static_cast<size_t>(Qpad * Dp), 0u);
   pack_rows_q(qx, Q, D, Dp, qpack.data());
-  std::vector<QState> states(Q);
-  std::vector<uint32_t> counts(static_cast<size_t>(Q) * NBIN);
-  for (int64_t q = 0; q < Q; ++q) {
-    QState& st = states[q];
-    st.cnt = counts.data() + q * NBIN;
-    st.limit = 2 * static_cast<size_t>(k) + 64;
-    const double R = qt[q] * Mt * (1 + g32) + 1e-30;  // |s~| <= R
-    set_histogram(st, -R, R);
-  }
-
   const int64_t tile_rows = NB * LANES;
   const int64_t chunk_rows = std::max<int64_t>(tile_rows, (chunk + tile_rows - 1) / tile_rows * tile_rows);
   std::vector<uint32_t> vpack(static_cast<size_t>(std::min(chunk_rows, (N + tile_rows - 1) / tile_rows * tile_rows) * Dp));
-  const int64_t nblk = (Q + QBLOCK - 1) / QBLOCK;
-  for (int64_t start = 0; start < N; start += chunk_rows) {
-    const int64_t n = std::min(chunk_rows, N - start);
-    const int64_t nvb = (n + tile_rows - 1) / tile_rows * NB;
-    pack_chunk(vx + start * D, n, D, Dp, vpack.data(), nvb);
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t q0 = b * QBLOCK, nq = std::min<int64_t>(QBLOCK, Q - q0);
-#ifdef INSTDISC_HAVE_BF16_PATH
-        if (simd) {
-          block_avx512bf16(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, states.data() + q0, q0, cx);
-          continue;
-        }
-#endif
-        block_portable(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, states.data() + q0, q0, cx);
-      }
-    });
-  }
-
-  // rescore in float64, k best by (similarity desc, index asc)
+  int64_t packed = -1;  // start row of the chunk in vpack
+  // Queries go in groups whose states (histogram + list, a few KB each) live
+  // together. With a one-chunk bank, packed once, groups cost nothing: 2048
+  // queries per group bound the state memory. Otherwise all queries form one
+  // group, so that each chunk is packed once.
+  const int64_t group = N <= chunk_rows ? std::max<int64_t>(2048, 4 * QBLOCK * at::get_num_threads()) : Q;
   auto* ov = values.data_ptr<double>();
   auto* oi = indices.data_ptr<int64_t>();
   std::vector<int64_t> short_rows(at::get_num_threads(), -1);
-  at::parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
-    std::vector<std::pair<double, int64_t>> r;
-    for (int64_t q = q0; q < q1; ++q) {
-      QState& st = states[q];
-      compact(st);
-      r.resize(st.n);
-      constexpr size_t AHEAD = 6;  // candidate rows are scattered: prefetch a few ahead
-      for (size_t i = 0; i < std::min(AHEAD, st.n); ++i) prefetch_row(vx + static_cast<int64_t>(st.j[i]) * D, D);
-      for (size_t i = 0; i < st.n; ++i) {
-        if (i + AHEAD < st.n) prefetch_row(vx + static_cast<int64_t>(st.j[i + AHEAD]) * D, D);
-        const int64_t j = st.j[i];
-        r[i] = {dot64(qx + q * D, vx + j * D, D), j};
-      }
-      std::vector<float>().swap(st.s);
-      std::vector<int32_t>().swap(st.j);
-      if (static_cast<int64_t>(r.size()) < k) {  // only with non-finite similarities
-        short_rows[at::get_thread_num()] = q;
-        continue;
-      }
-      std::partial_sort(r.begin(), r.begin() + k, r.end(), [](const auto& a, const auto& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      });
-      for (int64_t i = 0; i < k; ++i) {
-        ov[q * k + i] = r[i].first;
-        oi[q * k + i] = r[i].second;
-      }
+  for (int64_t g0 = 0; g0 < Q; g0 += group) {
+    const int64_t G = std::min(group, Q - g0);
+    std::vector<QState> states(G);
+    std::vector<uint32_t> counts(static_cast<size_t>(G) * NBIN);
+    for (int64_t i = 0; i < G; ++i) {
+      QState& st = states[i];
+      st.cnt = counts.data() + i * NBIN;
+      st.limit = 2 * static_cast<size_t>(k) + 64;
+      const double R = qt[g0 + i] * Mt * (1 + g32) + 1e-30;  // |s~| <= R
+      set_histogram(st, -R, R);
     }
-  });
+    const int64_t nblk = (G + QBLOCK - 1) / QBLOCK;
+    for (int64_t start = 0; start < N; start += chunk_rows) {
+      const int64_t n = std::min(chunk_rows, N - start);
+      if (packed != start) {
+        pack_chunk(vx + start * D, n, D, Dp, vpack.data(), (n + tile_rows - 1) / tile_rows * NB);
+        packed = start;
+      }
+      at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t q0 = g0 + b * QBLOCK, nq = std::min<int64_t>(QBLOCK, g0 + G - q0);
+          QState* st = states.data() + (q0 - g0);
+#ifdef INSTDISC_HAVE_BF16_PATH
+          if (simd) {
+            block_avx512bf16(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, st, q0, cx);
+            continue;
+          }
+#endif
+          block_portable(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, st, q0, cx);
+        }
+      });
+    }
+
+    // rescore in float64, k best by (similarity desc, index asc)
+    at::parallel_for(0, G, 16, [&](int64_t i0, int64_t i1) {
+      std::vector<std::pair<double, int64_t>> r;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t q = g0 + i;
+        QState& st = states[i];
+        compact(st);
+        r.resize(st.n);
+        constexpr size_t AHEAD = 6;  // candidate rows are scattered: prefetch a few ahead
+        for (size_t c = 0; c < std::min(AHEAD, st.n); ++c) prefetch_row(vx + static_cast<int64_t>(st.j[c]) * D, D);
+        for (size_t c = 0; c < st.n; ++c) {
+          if (c + AHEAD < st.n) prefetch_row(vx + static_cast<int64_t>(st.j[c + AHEAD]) * D, D);
+          const int64_t j = st.j[c];
+          r[c] = {dot64(qx + q * D, vx + j * D, D), j};
+        }
+        std::vector<float>().swap(st.s);
+        std::vector<int32_t>().swap(st.j);
+        if (static_cast<int64_t>(r.size()) < k) {  // only with non-finite similarities
+          short_rows[at::get_thread_num()] = q;
+          continue;
+        }
+        std::partial_sort(r.begin(), r.begin() + k, r.end(), [](const auto& a, const auto& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        });
+        for (int64_t c = 0; c < k; ++c) {
+          ov[q * k + c] = r[c].first;
+          oi[q * k + c] = r[c].second;
+        }
+      }
+    });
+  }
   for (int64_t q : short_rows)
     TORCH_CHECK(q < 0, "knn: query ", q, " has fewer than k finite similarities (non-finite queries or bank rows)");
 }

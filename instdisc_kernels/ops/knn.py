@@ -45,7 +45,8 @@ Backends:
   rigorous error bound of the running k-th similarity; those are rescored in
   float64 from the original inputs. The result is the float64 top k (what the
   reference computes), never an approximation, and the Q x N matrix is never
-  built: extra memory is O(Q x (256 + candidates) + chunk x D). Without
+  built: extra memory is a few KB per query for min(Q, 2048) queries at a
+  time (Q when the bank spans several chunks), plus one bf16 chunk. Without
   AVX512-BF16 the same kernel runs a portable prefilter loop ("cpu" only:
   "auto" then takes the chunked path above, faster there).
 * the chunked torch path above: "auto" on CUDA and on CPUs without
