@@ -45,7 +45,8 @@ TORCH_LIBRARY(instdisc, m) {
         "float temperature) -> Tensor");
 
   // Weighted-kNN top-k (SPEC 1.3): the k most similar bank rows per query,
-  // sorted by (similarity desc, index asc); similarities in float64 (Q, k).
+  // sorted by (similarity desc, index asc); similarities (Q, k) computed in
+  // float64, returned in float64 if an input is float64, else float32.
   // CPU: bf16 prefilter with a rigorous error bound, exact float64 rescore.
   // portable: never use the AVX512-BF16 path (tests of the portable loop).
   m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk_size, bool portable) "

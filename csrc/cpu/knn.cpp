@@ -406,7 +406,9 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   // queries per group bound the state memory. Otherwise all queries form one
   // group, so that each chunk is packed once.
   const int64_t group = N <= chunk_rows ? std::max<int64_t>(2048, 4 * QBLOCK * at::get_num_threads()) : Q;
-  auto* ov = values.data_ptr<double>();
+  // similarities out in float64 when an input is float64, else float32
+  double* ov64 = values.scalar_type() == at::kDouble ? values.data_ptr<double>() : nullptr;
+  float* ov32 = ov64 ? nullptr : values.data_ptr<float>();
   auto* oi = indices.data_ptr<int64_t>();
   std::vector<int64_t> short_rows(at::get_num_threads(), -1);
   for (int64_t g0 = 0; g0 < Q; g0 += group) {
@@ -467,7 +469,10 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
           return a.first > b.first || (a.first == b.first && a.second < b.second);
         });
         for (int64_t c = 0; c < k; ++c) {
-          ov[q * k + c] = r[c].first;
+          if (ov64)
+            ov64[q * k + c] = r[c].first;
+          else
+            ov32[q * k + c] = static_cast<float>(r[c].first);
           oi[q * k + c] = r[c].second;
         }
       }
@@ -487,7 +492,8 @@ std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(const at::Tensor& queries, const
   const auto q = queries.to(at::kDouble).contiguous();
   const auto v = bank.contiguous();
   const int64_t Q = q.size(0);
-  auto values = at::empty({Q, k}, q.options().dtype(at::kDouble));
+  const bool f64 = queries.scalar_type() == at::kDouble || bank.scalar_type() == at::kDouble;
+  auto values = at::empty({Q, k}, q.options().dtype(f64 ? at::kDouble : at::kFloat));
   auto indices = at::empty({Q, k}, q.options().dtype(at::kLong));
   const bool simd = !portable && cpu_has_avx512bf16();
   if (Q > 0) {

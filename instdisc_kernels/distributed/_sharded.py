@@ -160,23 +160,13 @@ def exact_softmax(F, yg, bank, lo, *, temperature, need_grad, group):
 
 
 def topk_sorted(queries, bank, k):
-    """(values, indices) of the k most similar rows, sorted by (value desc, index asc)."""
-    try:
-        from ..ops.knn import knn_topk
-    except ImportError:         # a version of ops/knn.py without it: plain chunked stable sort
-        knn_topk = None
-    if knn_topk is not None:
-        return knn_topk(queries, bank, k)
-    acc = torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
-    best_v = best_i = None
-    for a in range(0, bank.shape[0], ROW_CHUNK):
-        sim = queries.to(acc) @ bank[a:a + ROW_CHUNK].to(acc).t()
-        idx = torch.arange(a, a + sim.shape[1], device=sim.device).expand_as(sim)
-        if best_v is not None:
-            sim, idx = torch.cat([best_v, sim], 1), torch.cat([best_i, idx], 1)
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
-        best_v, best_i = sim.gather(1, order), idx.gather(1, order)
-    return best_v, best_i
+    """(values, indices) of the k most similar rows, sorted by (value desc, index asc):
+    the single-process kNN search on this shard (the fused C++ kernel where "auto"
+    picks it, else the chunked torch path)."""
+    from ..ops import knn as _knn
+    if _knn._resolve("auto", queries.device) == "fused":
+        return _knn.knn_topk_fused(queries, bank, k)
+    return _knn.knn_topk(queries, bank, k)
 
 
 def topk_padded(queries, bank, lo, k):

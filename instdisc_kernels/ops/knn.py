@@ -222,7 +222,8 @@ if _backend.extension_loaded():
     @torch.library.register_fake("instdisc::knn_topk")
     def _knn_topk_fake(queries, bank, k, chunk_size, portable):
         Q = queries.shape[0]
-        return (queries.new_empty((Q, k), dtype=torch.float64), queries.new_empty((Q, k), dtype=torch.int64))
+        return (queries.new_empty((Q, k), dtype=_opmath(queries.dtype, bank.dtype)),
+                queries.new_empty((Q, k), dtype=torch.int64))
 
     _FUSED_SIMD = bool(torch.ops.instdisc.knn_cpu_has_avx512bf16())
 else:
@@ -237,8 +238,7 @@ def fused_available(device) -> bool:
 def knn_topk_fused(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
     """(values, indices) (Q, k) from the fused C++ kernel: the float64 top k by
     (similarity desc, index asc); values in the inputs' opmath dtype."""
-    v, i = torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size, portable)
-    return v.to(_opmath(queries.dtype, bank.dtype)), i
+    return torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size, portable)
 
 
 def _topk_reference(queries, bank, k):
@@ -339,7 +339,7 @@ def knn_predict(queries, bank, bank_labels, *, k=200, temperature=0.07, num_clas
 
 @torch.no_grad()
 def knn_accuracy(queries, query_labels, bank, bank_labels, *, k=200, temperature=0.07, num_classes=None,
-                 batch_size=8192, validate=True, backend="auto", chunk_size=DEFAULT_CHUNK,
+                 batch_size=4096, validate=True, backend="auto", chunk_size=DEFAULT_CHUNK,
                  query_batch=DEFAULT_QUERY_BATCH):
     """(top-1, top-5) weighted-kNN accuracy in percent (top-5 is top-C when C < 5).
 
