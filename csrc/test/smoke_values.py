@@ -33,3 +33,6 @@ if __name__ == "__main__":
     Vu = V.clone()
     R.memory_update_(Vu, y, F, 0.5)
     print("bank rows 0, 2", fmt(Vu[[0, 2]]))
+    sim = F.double() @ V.double().t()                  # as reference.knn_scores ranks neighbours
+    idx = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :K]
+    print("knn  top-k indices", fmt(idx), "similarities", fmt(sim.gather(1, idx)))
