@@ -218,14 +218,22 @@ def knn_topk(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_
 # --------------------------------------------------------------------------- #
 # The fused C++ kernel                                                         #
 # --------------------------------------------------------------------------- #
-if _backend.extension_loaded():
+def _has_op(name):
+    try:
+        getattr(torch.ops.instdisc, name)
+    except (AttributeError, RuntimeError):   # an extension built before the op existed
+        return False
+    return True
+
+
+if _backend.extension_loaded() and _has_op("knn_topk"):
     @torch.library.register_fake("instdisc::knn_topk")
     def _knn_topk_fake(queries, bank, k, chunk_size, portable):
         Q = queries.shape[0]
         return (queries.new_empty((Q, k), dtype=_opmath(queries.dtype, bank.dtype)),
                 queries.new_empty((Q, k), dtype=torch.int64))
 
-    _FUSED_SIMD = bool(torch.ops.instdisc.knn_cpu_has_avx512bf16())
+    _FUSED_SIMD = _has_op("knn_cpu_has_avx512bf16") and bool(torch.ops.instdisc.knn_cpu_has_avx512bf16())
 else:
     _FUSED_SIMD = False
 
