@@ -111,9 +111,28 @@ def providers(device_type):
     return [EAGER] + [f"fused-{b}" for b in LIB_BACKENDS[device_type]] + [COMPILE]
 
 
+# ops with a precision= knob: besides fused-<backend> (precision="fp32", the default),
+# fused-<backend>+bf16 runs precision="bf16" (bf16 products, fp32 accumulation)
+PRECISION_OPS = ("softmax",)
+
+
+def op_providers(op, device_type):
+    """providers(device_type), plus the bf16-precision fused providers of PRECISION_OPS."""
+    ps = providers(device_type)
+    if op in PRECISION_OPS:
+        ps = ps[:-1] + [f"fused-{b}+bf16" for b in LIB_BACKENDS[device_type]] + ps[-1:]
+    return ps
+
+
+def split_provider(provider):
+    """"fused-cpu+bf16" -> ("cpu", "bf16"); "fused-cpu" -> ("cpu", "fp32")."""
+    be, _, prec = provider.split("-", 1)[1].partition("+")
+    return be, prec or "fp32"
+
+
 def params(op, device_type, size):
     """[(case, provider)] in run order: for each case, the eager provider first."""
-    return [(c, p) for c in cases(op, device_type, size) for p in providers(device_type)]
+    return [(c, p) for c in cases(op, device_type, size) for p in op_providers(op, device_type)]
 
 
 def bank_bytes(case):

@@ -17,7 +17,7 @@ import torch
 import instdisc_kernels as ik
 from bench_baselines import (bank_update_eager, knn_batch_scores_fn, knn_eager, nce_loss_fn,
                              nce_step_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
-from bench_cases import MOMENTUM
+from bench_cases import MOMENTUM, split_provider
 
 
 def _unit_rows(n, d, device, dtype=torch.float32):
@@ -104,7 +104,7 @@ def step(case, provider, g, device):
         return _eager_step(case, g, sync)
     if provider == "compile":
         return _compiled_step(case, g, sync)
-    be = provider.split("-", 1)[1]
+    be, precision = split_provider(provider)
     if case.op == "nce":
         x, y, K, z = g["x"], g["y"], case.K, g["z"]
 
@@ -119,7 +119,7 @@ def step(case, provider, g, device):
         def run():
             x.grad = None
             ik.nonparametric_softmax_loss(x, mem, y, temperature=T, momentum=m, validate=False,
-                                          backend=be).backward()
+                                          backend=be, precision=precision).backward()
             sync()
     elif case.op == "knn":
         def run():

@@ -55,10 +55,11 @@ def pytest_generate_tests(metafunc):
     backends = cfg.getoption("--bench-backends")
     params = bench_cases.params(op, dev, cfg.getoption("--bench-size"))
     if backends:
-        keep = {"eager", "compile"} | {f"fused-{b.strip()}" for b in backends.split(",")}
+        keep = {b.strip() for b in backends.split(",")}
         extra = [f"fused-{b.strip()}" for b in backends.split(",")
                  if f"fused-{b.strip()}" not in bench_cases.providers(dev)]
-        params = [(c, p) for c, p in params if p in keep]
+        params = [(c, p) for c, p in params
+                  if p in ("eager", "compile") or bench_cases.split_provider(p)[0] in keep]
         params = _insert_after_eager(params, extra)
     # the case travels as its id (a JSON-friendly benchmark param); the `case` fixture looks it up
     metafunc.parametrize("case_id,provider", [pytest.param(c.id, p, id=f"{c.id}-{p}") for c, p in params])
@@ -114,7 +115,7 @@ class BenchSession:
             if dev.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
                 return "torch.compile on CPU needs a C++ compiler"
             return None
-        be = provider.split("-", 1)[1]
+        be = bench_cases.split_provider(provider)[0]
         if be == "triton" and dev.type == "cpu":
             return "triton on CPU tensors runs only in the interpreter (tests), never benchmarked"
         if be == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":

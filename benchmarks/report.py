@@ -57,8 +57,9 @@ size for NCE and the update, a streaming read for softmax and kNN). *Peak MB* is
 extra memory of one step beyond its inputs (CUDA: max_memory_allocated minus allocated
 before; CPU: peak RSS minus RSS before); *mem ratio* is eager peak / provider peak.
 Providers: `eager` (lemniscate-style baseline, benchmarks/bench_baselines.py),
-`fused-<backend>` (this library, `validate=False`), `compile` (torch.compile of the
-eager baseline). A provider missing from a table was skipped (the pytest output says why).
+`fused-<backend>` (this library, `validate=False`; `+bf16`: the softmax with
+`precision="bf16"`, bf16 products with fp32 accumulation, against the default fp32
+products), `compile` (torch.compile of the eager baseline). A provider missing from a table was skipped (the pytest output says why).
 """
 
 
@@ -157,7 +158,8 @@ def auto_choice(runs):
         for op in OPS:
             wins = collections.Counter()
             for case in sorted({r["case"] for r in rows if r["op"] == op}):
-                fused = [r for r in rows if r["op"] == op and r["case"] == case and r["provider"].startswith("fused-")]
+                fused = [r for r in rows if r["op"] == op and r["case"] == case
+                         and r["provider"].startswith("fused-") and "+" not in r["provider"]]
                 if fused:
                     wins[min(fused, key=lambda r: r["time_median_s"])["provider"]] += 1
             if wins:
