@@ -180,9 +180,14 @@ def plot(runs, path):
             for r in rows:
                 if r["op"] == op and r["provider"] != "eager" and r["speedup"] is not None:
                     x = r["K"] if op == "nce" else r["N"]
-                    lab = f"{meta['device_type']} {r['provider']} " + (
-                        f"N={r['N']} B={r['B']} {r['dtype']}" if op == "nce"
-                        else f"{'Q' if op == 'knn' else 'B'}={r['B']} {r['dtype']}")
+                    if op == "nce":
+                        what = f"N={r['N']} B={r['B']} {r['dtype']}"
+                    elif op == "knn":   # one line per class count (case id ...-C<classes>-...)
+                        classes = next((p for p in r["case"].split("-") if p.startswith("C")), "")
+                        what = f"Q={r['B']} {classes} {r['dtype']}"
+                    else:
+                        what = f"B={r['B']} {r['dtype']}"
+                    lab = f"{meta['device_type']} {r['provider']} {what}"
                     series[lab].append((x, r["speedup"]))
         for lab, pts in sorted(series.items()):
             pts.sort()
