@@ -183,3 +183,17 @@ def test_peak_memory_has_no_q_by_n_term():
     fused, (v, i) = _peak_rss_growth(lambda: K.knn_topk_fused(q, bank, k))
     assert fused < qxn / 8, (fused, qxn)
     assert torch.equal(i[:50], _stable_topk(q[:50], bank, k)[1])
+
+
+def test_same_answer_for_any_thread_count():
+    q, _, bank, _ = _clustered(300, 3000, 32, 10)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = K.knn_topk_fused(q, bank, 50)
+        torch.set_num_threads(max(2, threads))
+        many = K.knn_topk_fused(q, bank, 50)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    assert torch.equal(one[1], _stable_topk(q, bank, 50)[1])
