@@ -3,7 +3,7 @@
     sim = Q . Vtrain^T; top k per query; class score c = sum over the top k
     neighbours with label c of exp(sim / sigma); top-1 / top-5 by score.
 
-Two implementations, both exact and never building the Q x N matrix:
+Two implementations; neither builds the Q x N matrix:
 
 The fused C++ kernel (``knn_topk_fused``, see Backends) returns the float64
 top k: similarities rescored in float64 from the inputs, ties to the lower
