@@ -35,11 +35,12 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <vector>
 
@@ -87,11 +88,15 @@ struct QState {
 };
 
 inline uint16_t to_bf16(float x) { return c10::BFloat16(x).x; }  // round to nearest even
-inline float from_bf16(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+inline float from_bf16(uint16_t b) { return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits())); }
+
+// Elements 2p, 2p + 1 of a row of D values as one word of two bf16 (the high one 0 past D).
+template <typename scalar_t>
+inline uint32_t bf16_pair(const scalar_t* row, int64_t D, int64_t p) {
+  const int64_t d = 2 * p;
+  const uint16_t lo = to_bf16(static_cast<float>(row[d]));
+  const uint16_t hi = d + 1 < D ? to_bf16(static_cast<float>(row[d + 1])) : 0;
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
 // Largest float <= x (x in double): a bound that stays conservative once rounded.
@@ -120,10 +125,15 @@ void set_histogram(QState& st, double h0, double hi) {
   st.since_rebin = 0;
 }
 
-// lo = t~ - 2E, from the threshold bin; t~ is lowered by a margin that covers
-// the float rounding of the binning, so every entry counted in bins >= tb is >= it.
+// t~ from the threshold bin, lowered by a margin that covers the float rounding
+// of the binning, so every entry counted in bins >= tb is >= it.
+inline double threshold(const QState& st) {
+  return st.h0 + (st.tb - 0.01) * st.w - 1e-6 * (std::fabs(st.h0) + NBIN * st.w);
+}
+
+// lo = t~ - 2E.
 void update_lo(QState& st, const Ctx& cx, int64_t q) {
-  const double t = st.h0 + (st.tb - 0.01) * st.w - 1e-6 * (std::fabs(st.h0) + NBIN * st.w);
+  const double t = threshold(st);
   st.lo = std::max(st.lo, float_below(t - (*cx.twoE)[q]));
 }
 
@@ -158,7 +168,7 @@ void compact(QState& st) {
 // [t~, max s~] from the candidate list (which holds every entry >= lo <= t~).
 void rebin(QState& st, const Ctx& cx, int64_t q) {
   compact(st);
-  const double t = st.h0 + (st.tb - 0.01) * st.w - 1e-6 * (std::fabs(st.h0) + NBIN * st.w);
+  const double t = threshold(st);
   float hi = -std::numeric_limits<float>::infinity();
   for (size_t i = 0; i < st.n; ++i) hi = std::max(hi, st.s[i]);
   set_histogram(st, t, hi);
@@ -292,12 +302,7 @@ void block_portable(const uint32_t* qblk, int64_t nq, const uint32_t* vchunk, in
 template <typename scalar_t>
 void pack_rows_q(const scalar_t* x, int64_t rows, int64_t D, int64_t Dp, uint32_t* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t p = 0; p < Dp; ++p) {
-      const int64_t d = 2 * p;
-      const uint16_t lo = to_bf16(static_cast<float>(x[r * D + d]));
-      const uint16_t hi = d + 1 < D ? to_bf16(static_cast<float>(x[r * D + d + 1])) : 0;
-      out[r * Dp + p] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
+    for (int64_t p = 0; p < Dp; ++p) out[r * Dp + p] = bf16_pair(x + r * D, D, p);
   }
 }
 
@@ -309,16 +314,7 @@ void pack_chunk(const scalar_t* v, int64_t n, int64_t D, int64_t Dp, uint32_t* o
       uint32_t* o = out + b * Dp * LANES;
       for (int64_t l = 0; l < LANES; ++l) {
         const int64_t row = b * LANES + l;
-        for (int64_t p = 0; p < Dp; ++p) {
-          uint32_t w = 0;
-          if (row < n) {
-            const int64_t d = 2 * p;
-            const uint16_t lo = to_bf16(static_cast<float>(v[row * D + d]));
-            const uint16_t hi = d + 1 < D ? to_bf16(static_cast<float>(v[row * D + d + 1])) : 0;
-            w = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-          }
-          o[p * LANES + l] = w;
-        }
+        for (int64_t p = 0; p < Dp; ++p) o[p * LANES + l] = row < n ? bf16_pair(v + row * D, D, p) : 0u;
       }
     }
   });
@@ -342,23 +338,6 @@ void row_norms(const scalar_t* x, int64_t rows, int64_t D, double* nx, double* n
       nd[r] = std::sqrt(c);
     }
   });
-}
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* p, int64_t D) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(c + b);
-}
-
-// float64 dot with 8 independent partial sums (vectorisable without reassociation).
-template <typename scalar_t>
-double dot64(const double* a, const scalar_t* b, int64_t D) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * static_cast<double>(b[d + l]);
-  for (; d < D; ++d) acc[0] += a[d] * static_cast<double>(b[d]);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 // queries: float64 (a small copy); bank: its own dtype, read in place.
@@ -410,7 +389,6 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   double* ov64 = values.scalar_type() == at::kDouble ? values.data_ptr<double>() : nullptr;
   float* ov32 = ov64 ? nullptr : values.data_ptr<float>();
   auto* oi = indices.data_ptr<int64_t>();
-  std::vector<int64_t> short_rows(at::get_num_threads(), -1);
   for (int64_t g0 = 0; g0 < Q; g0 += group) {
     const int64_t G = std::min(group, Q - g0);
     std::vector<QState> states(G);
@@ -447,24 +425,18 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
     // rescore in float64, k best by (similarity desc, index asc)
     at::parallel_for(0, G, 16, [&](int64_t i0, int64_t i1) {
       std::vector<std::pair<double, int64_t>> r;
+      std::vector<double> buf(D);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t q = g0 + i;
         QState& st = states[i];
         compact(st);
+        // the bound keeps every row of the top k, and at least k rows
+        TORCH_INTERNAL_ASSERT(st.n >= static_cast<size_t>(k), "knn: query ", q, " kept ", st.n, " < k rows");
         r.resize(st.n);
-        constexpr size_t AHEAD = 6;  // candidate rows are scattered: prefetch a few ahead
-        for (size_t c = 0; c < std::min(AHEAD, st.n); ++c) prefetch_row(vx + static_cast<int64_t>(st.j[c]) * D, D);
-        for (size_t c = 0; c < st.n; ++c) {
-          if (c + AHEAD < st.n) prefetch_row(vx + static_cast<int64_t>(st.j[c + AHEAD]) * D, D);
-          const int64_t j = st.j[c];
-          r[c] = {dot64(qx + q * D, vx + j * D, D), j};
-        }
+        rows::for_each_row(vx, D, st.j.data(), static_cast<int64_t>(st.n), D, buf.data(),
+                           [&](int64_t c, const double* v) { r[c] = {rows::dot(qx + q * D, v, D), st.j[c]}; });
         std::vector<float>().swap(st.s);
         std::vector<int32_t>().swap(st.j);
-        if (static_cast<int64_t>(r.size()) < k) {  // only with non-finite similarities
-          short_rows[at::get_thread_num()] = q;
-          continue;
-        }
         std::partial_sort(r.begin(), r.begin() + k, r.end(), [](const auto& a, const auto& b) {
           return a.first > b.first || (a.first == b.first && a.second < b.second);
         });
@@ -478,8 +450,6 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
       }
     });
   }
-  for (int64_t q : short_rows)
-    TORCH_CHECK(q < 0, "knn: query ", q, " has fewer than k finite similarities (non-finite queries or bank rows)");
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(const at::Tensor& queries, const at::Tensor& bank, int64_t k,

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "../philox.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,80 +30,15 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 namespace instdisc {
 namespace {
 
+using rows::as_acc;
+using rows::axpy;
+using rows::dot;
+using rows::for_each_row;
+
 constexpr double kEps = 1e-7;   // lemniscate's NCECriterion eps
-// How many bank rows to prefetch ahead of the one being read: about 8 KiB of rows (16 fp32 rows
-// at D = 128: measured best among 1..64 on the 2-core dev machine, a random gather from L3).
-inline int64_t rows_ahead(int64_t row_bytes) {
-  return std::clamp<int64_t>(8192 / std::max<int64_t>(row_bytes, 1), 4, 64);
-}
-
-// --------------------------------------------------------------------------- //
-// Row helpers                                                                  //
-// --------------------------------------------------------------------------- //
-// Widen n bank values to the accumulation type.
-template <typename bank_t, typename acc_t>
-inline void widen(const bank_t* __restrict src, acc_t* __restrict dst, int64_t n) {
-  if constexpr (std::is_same_v<bank_t, c10::BFloat16>) {
-    for (int64_t d = 0; d < n; ++d) {
-      uint32_t bits = uint32_t(src[d].x) << 16;
-      float f;
-      std::memcpy(&f, &bits, sizeof(f));
-      dst[d] = static_cast<acc_t>(f);
-    }
-  } else if constexpr (std::is_same_v<bank_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    int64_t d = 0;
-#if defined(__F16C__)
-    for (; d + 8 <= n; d += 8)
-      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
-#endif
-    for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
-  } else {
-    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(static_cast<float>(src[d]));
-  }
-}
-
-// The row as acc_t values: the bank row itself when the types agree, else widened into buf.
-template <typename acc_t, typename bank_t>
-inline const acc_t* as_acc(const bank_t* row, acc_t* buf, int64_t D) {
-  if constexpr (std::is_same_v<acc_t, bank_t>) {
-    return row;
-  } else {
-    widen(row, buf, D);
-    return buf;
-  }
-}
-
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t D) {
-  constexpr int L = 64 / sizeof(acc_t);  // independent partial sums: one or two vectors
-  acc_t p[L] = {};
-  int64_t d = 0;
-  for (; d + L <= D; d += L)
-    for (int j = 0; j < L; ++j) p[j] += a[d + j] * b[d + j];
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) p[j] += p[j + w];
-  acc_t s = p[0];
-  for (; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
-
-template <typename acc_t>
-inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
-}
-
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-}
-
 // Beyond |log P| > 80 the NCE terms take their asymptotic forms (dropping terms below e^-60
 // relative, also in fp64), so exp(log P) never overflows fp32.
 constexpr double kLogPLimit = 80;
@@ -222,20 +158,17 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
   const int64_t K1 = a.K + 1, D = a.D;
   const acc_t invT = static_cast<acc_t>(1.0 / a.T);
   at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
-    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
     std::vector<int64_t> idx(K1);
     std::vector<acc_t> buf(D);
     for (int64_t b = begin; b < end; ++b) {
       row_indices(a, b, idx.data());
       const acc_t* f = feat + b * D;
       acc_t* s = scores + b * K1;
-      for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mem + idx[k] * a.row_stride, D * sizeof(bank_t));
       acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t k = 0; k < K1; ++k) {
-        if (k + kAhead < K1) prefetch_row(mem + idx[k + kAhead] * a.row_stride, D * sizeof(bank_t));
-        s[k] = dot(as_acc<acc_t>(mem + idx[k] * a.row_stride, buf.data(), D), f, D);
+      for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
+        s[k] = dot(v, f, D);
         m = std::max(m, s[k] * invT);
-      }
+      });
       double sum = 0;
       for (int64_t k = 0; k < K1; ++k) sum += std::exp(s[k] * invT - m);
       row_max[b] = m;
@@ -258,7 +191,6 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
   const double inv_kp_uniform = double(a.N) / double(a.K);
   const acc_t lim = static_cast<acc_t>(kLogPLimit);
   at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
-    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
     std::vector<int64_t> idx(K1);
     std::vector<acc_t> buf(D);
     for (int64_t b = begin; b < end; ++b) {
@@ -268,10 +200,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       std::fill(g, g + D, acc_t(0));
       double lsum = 0, prod = 1;
       int64_t prod_exp = 0;
-      for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mem + idx[k] * a.row_stride, D * sizeof(bank_t));
-      for (int64_t k = 0; k < K1; ++k) {
-        if (k + kAhead < K1) prefetch_row(mem + idx[k + kAhead] * a.row_stride, D * sizeof(bank_t));
-        const acc_t* v = as_acc<acc_t>(mem + idx[k] * a.row_stride, buf.data(), D);
+      for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
         const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
         acc_t kp = kp_uniform, c = c_uniform;
         if (a.noise != nullptr) {
@@ -314,7 +243,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
         }
         lsum += ln;
         axpy(g, coef, v, D);
-      }
+      });
       lsum -= std::log(prod) + prod_exp * 0.6931471805599453;
       const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
       for (int64_t d = 0; d < D; ++d) g[d] *= scale;
@@ -330,24 +259,20 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
   const int64_t K1 = a.K + 1, D = a.D;
   const acc_t invT = static_cast<acc_t>(1.0 / a.T);
   at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
-    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
     std::vector<int64_t> idx(K1);
     std::vector<acc_t> buf(D);
     for (int64_t b = begin; b < end; ++b) {
       row_indices(a, b, idx.data());
       const acc_t* f = feat + b * D;
       acc_t* g = grad + b * D;
-      for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mem + idx[k] * a.row_stride, D * sizeof(bank_t));
-      const acc_t* v = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf.data(), D);
-      const acc_t t0 = dot(v, f, D) * invT;
-      acc_t m = t0;
+      acc_t t0 = 0, m = 0;
       double l = 1;
-      std::copy(v, v + D, g);
-      for (int64_t k = 1; k < K1; ++k) {
-        if (k + kAhead < K1) prefetch_row(mem + idx[k + kAhead] * a.row_stride, D * sizeof(bank_t));
-        v = as_acc<acc_t>(mem + idx[k] * a.row_stride, buf.data(), D);
+      for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
         const acc_t t = dot(v, f, D) * invT;
-        if (t > m) {
+        if (k == 0) {  // the positive starts the running max and sum
+          t0 = m = t;
+          std::copy(v, v + D, g);
+        } else if (t > m) {
           const acc_t r = std::exp(m - t);
           l = l * r + 1;
           for (int64_t d = 0; d < D; ++d) g[d] = g[d] * r + v[d];
@@ -357,9 +282,9 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
           l += e;
           axpy(g, e, v, D);
         }
-      }
+      });
       // g = (softmax-weighted mean of the rows - V[y]) / (B T)
-      v = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf.data(), D);
+      const acc_t* v = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf.data(), D);
       const acc_t inv_l = static_cast<acc_t>(1.0 / l);
       const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
       for (int64_t d = 0; d < D; ++d) g[d] = (g[d] * inv_l - v[d]) * scale;
@@ -527,18 +452,14 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cpu(const at::Tensor& features, con
       acc_t* pp = probs.data_ptr<acc_t>();
       const acc_t invT = static_cast<acc_t>(1.0 / temperature);
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {  // logits t = s / T
-    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
         std::vector<acc_t> buf(D);
         for (int64_t b = begin; b < end; ++b) {
-          const int64_t* ib = ip + b * K1;
           acc_t* t = pp + b * K1;
-          for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mp + ib[k] * rs, D * sizeof(bank_t));
           acc_t m = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t k = 0; k < K1; ++k) {
-            if (k + kAhead < K1) prefetch_row(mp + ib[k + kAhead] * rs, D * sizeof(bank_t));
-            t[k] = dot(as_acc<acc_t>(mp + ib[k] * rs, buf.data(), D), fp + b * D, D) * invT;
+          for_each_row(mp, rs, ip + b * K1, K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
+            t[k] = dot(v, fp + b * D, D) * invT;
             m = std::max(m, t[k]);
-          }
+          });
           double sum = 0;
           for (int64_t k = 0; k < K1; ++k) sum += std::exp(t[k] - m);
           row_max[b] = m;
@@ -608,18 +529,13 @@ at::Tensor nce_probs_backward_cpu(const at::Tensor& grad_probs, const at::Tensor
       acc_t* out = grad.data_ptr<acc_t>();
       const acc_t invT = static_cast<acc_t>(1.0 / temperature);
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    const int64_t kAhead = rows_ahead(D * static_cast<int64_t>(sizeof(bank_t)));
         std::vector<acc_t> buf(D);
         for (int64_t b = begin; b < end; ++b) {
-          const int64_t* ib = ip + b * K1;
           acc_t* g = out + b * D;
           std::fill(g, g + D, acc_t(0));
-          for (int64_t k = 0; k < std::min(kAhead, K1); ++k) prefetch_row(mp + ib[k] * rs, D * sizeof(bank_t));
-          for (int64_t k = 0; k < K1; ++k) {
-            if (k + kAhead < K1) prefetch_row(mp + ib[k + kAhead] * rs, D * sizeof(bank_t));
-            const acc_t coef = gpp[b * K1 + k] * pp[b * K1 + k] * invT;
-            axpy(g, coef, as_acc<acc_t>(mp + ib[k] * rs, buf.data(), D), D);
-          }
+          for_each_row(mp, rs, ip + b * K1, K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
+            axpy(g, gpp[b * K1 + k] * pp[b * K1 + k] * invT, v, D);
+          });
         }
       });
     };
