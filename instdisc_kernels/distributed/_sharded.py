@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import knn as _knn
 from . import _comm
 
 EPS = 1e-7
@@ -159,19 +160,9 @@ def exact_softmax(F, yg, bank, lo, *, temperature, need_grad, group):
     return loss, grad
 
 
-def topk_sorted(queries, bank, k):
-    """(values, indices) of the k most similar rows, sorted by (value desc, index asc):
-    the single-process kNN search on this shard (the fused C++ kernel where "auto"
-    picks it, else the chunked torch path)."""
-    from ..ops import knn as _knn
-    if _knn._resolve("auto", queries.device) == "fused":
-        return _knn.knn_topk_fused(queries, bank, k)
-    return _knn.knn_topk(queries, bank, k)
-
-
 def topk_padded(queries, bank, lo, k):
     """Per-shard top-k of queries @ bank.T: (values, global indices), padded to k with -inf."""
-    vals, idx = topk_sorted(queries, bank, min(k, bank.shape[0]))
+    vals, idx = _knn.search(queries, bank, min(k, bank.shape[0]))
     if vals.shape[1] < k:
         pad = k - vals.shape[1]
         vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), float("-inf"))], 1)

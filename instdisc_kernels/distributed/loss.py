@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import _validate, reference
 from ..memory_bank import MemoryBank
+from ..ops import knn as _knn
 from ..ops.bank_update import bank_update_
 from ..ops.nce import draw_negatives, nce_loss
 from ..ops.softmax import nonparametric_softmax_loss
@@ -302,7 +303,7 @@ class DistributedInstDiscLoss(nn.Module):
             if self.mode == "replicated":
                 if qb.shape[0] == 0:
                     continue
-                vals, idx = _sharded.topk_sorted(qb, self.memory, k)
+                vals, idx = _knn.search(qb, self.memory, k)
             else:
                 sub = [max(0, min(batch_size, s - a)) for s in qsizes]
                 qg = _comm.all_gather_rows(qb, sub, self.group)

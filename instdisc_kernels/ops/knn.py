@@ -290,6 +290,17 @@ def _resolve(backend, device):
     return "chunked"
 
 
+def search(queries, bank, k, *, backend="auto", chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_QUERY_BATCH):
+    """(values, indices) (Q, k), sorted by (similarity desc, index asc), on the path
+    ``backend`` resolves to (reference, fused C++ kernel or chunked torch); no input checks."""
+    be = _resolve(backend, queries.device)
+    if be == "reference":
+        return _topk_reference(queries, bank, k)
+    if be == "fused":
+        return knn_topk_fused(queries, bank, k, chunk_size=chunk_size)
+    return knn_topk(queries, bank, k, chunk_size=chunk_size, query_batch=query_batch)
+
+
 def _num_classes(num_classes, *labels):
     if num_classes is None:
         return max(int(lab.max()) for lab in labels) + 1
@@ -335,13 +346,7 @@ def knn_predict(queries, bank, bank_labels, *, k=200, temperature=0.07, num_clas
     num_classes = _num_classes(num_classes, bank_labels)
     if validate:
         _validate.check_index_range("bank_labels", bank_labels, num_classes)
-    be = _resolve(backend, queries.device)
-    if be == "reference":
-        vals, idx = _topk_reference(queries, bank, k)
-    elif be == "fused":
-        vals, idx = knn_topk_fused(queries, bank, k, chunk_size=chunk_size)
-    else:
-        vals, idx = knn_topk(queries, bank, k, chunk_size=chunk_size, query_batch=query_batch)
+    vals, idx = search(queries, bank, k, backend=backend, chunk_size=chunk_size, query_batch=query_batch)
     return _scores(vals, idx, bank_labels, temperature, num_classes)
 
 
