@@ -3,6 +3,7 @@
 Its answer is the float64 top k (bf16 prefilter with a rigorous bound, float64
 rescore), so indices must equal the oracle's stable sort exactly, on both the
 AVX512-BF16 prefilter and the portable one."""
+import importlib.util
 import os
 
 import pytest
@@ -150,39 +151,32 @@ def test_opcheck():
 
 
 # --------------------------------------------------------------------------- #
-# Memory: no Q x N buffer, measured as the peak resident set (C++ allocations  #
-# are invisible to torch's allocator hooks)                                    #
+# Memory: no Q x N buffer, measured as the benchmarks measure it (peak resident #
+# set: C++ allocations are invisible to torch's allocator hooks)               #
 # --------------------------------------------------------------------------- #
-def _peak_rss_growth(fn):
-    """Peak RSS during fn() minus RSS before, in bytes (Linux VmHWM, reset via clear_refs)."""
-    def field(name):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) * 1024
-        raise OSError(name)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = field("VmRSS")
-    if field("VmHWM") > before + (1 << 20):
-        raise OSError("VmHWM was not reset")
-    out = fn()
-    return field("VmHWM") - before, out
+def _bench_measure():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_measure.py")
+    spec = importlib.util.spec_from_file_location("bench_measure", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_peak_memory_has_no_q_by_n_term():
-    try:
-        _peak_rss_growth(lambda: None)
-    except OSError as e:
-        pytest.skip(f"peak RSS cannot be reset on this kernel ({e})")
+    peak = _bench_measure().peak_extra_memory
+    cpu = torch.device("cpu")
+    probe, why = peak(lambda: None, cpu)
+    if probe is None:
+        pytest.skip(f"peak RSS cannot be measured here: {why}")
     Q, N, D, k = 1500, 40_000, 16, 50
     q, bank = _unit(Q, D).float(), _unit(N, D).float()
     qxn = Q * N * 4
-    eager, _ = _peak_rss_growth(lambda: (q @ bank.t()).topk(k, dim=1))
+    eager, _ = peak(lambda: (q @ bank.t()).topk(k, dim=1), cpu)
     assert eager >= qxn * 0.9                  # the detector sees a Q x N matrix
-    fused, (v, i) = _peak_rss_growth(lambda: K.knn_topk_fused(q, bank, k))
+    out = []
+    fused, _ = peak(lambda: out.append(K.knn_topk_fused(q, bank, k)), cpu)
     assert fused < qxn / 8, (fused, qxn)
-    assert torch.equal(i[:50], _stable_topk(q[:50], bank, k)[1])
+    assert torch.equal(out[0][1][:50], _stable_topk(q[:50], bank, k)[1])
 
 
 def test_same_answer_for_any_thread_count():
