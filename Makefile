@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis ninja
+# the benchmarks' peers (pyproject's `bench` extra): FAISS for the kNN comparison
+BENCH_DEPS := faiss-cpu
 STAMP  := $(VENV)/.deps-installed
 
 .PHONY: venv build test demo bench clean cmake-test
 
 $(STAMP): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(DEPS)
+	$(BIN)/pip install $(DEPS) $(BENCH_DEPS)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,6 +11,8 @@ bank dtype (the cheapest eager choice, as under autocast) and the loss in fp32.
 * exact softmax: cross_entropy(x @ V.T / T, y), autograd, then the update.
 * kNN: lemniscate test.py's loop over query batches (mm against all train
   features, topk, one-hot scatter of the labels weighted by exp(sim / sigma)).
+* search alone (no vote): mm of a query batch against all train features and topk,
+  batches sized so one batch's similarities stay under 256 MB.
 * bank update alone: index_select / mul / add / normalize / index_copy_.
 
 The ``*_fn`` functions are pure (no in-place bank writes) and are what the
@@ -132,3 +134,14 @@ def knn_eager(queries, query_labels, bank, bank_labels, k, sigma, num_classes, b
         top5 += int(correct[:, :min(5, num_classes)].sum())
     n = queries.shape[0]
     return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+def search_eager(queries, bank, k, max_elems=1 << 26):
+    """(sims, idx) (Q, k): torch.mm + topk over query batches of at most max_elems similarities."""
+    qb = max(1, max_elems // bank.shape[0])
+    vals, idxs = [], []
+    for s in range(0, queries.shape[0], qb):
+        v, i = torch.mm(queries[s:s + qb].to(bank.dtype), bank.t()).topk(k, dim=1, largest=True, sorted=True)
+        vals.append(v.float())
+        idxs.append(i)
+    return torch.cat(vals), torch.cat(idxs)

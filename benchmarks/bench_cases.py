@@ -21,23 +21,29 @@ MOMENTUM = 0.5
 # Providers in run order: the eager baseline first (the speedups divide by its time).
 EAGER, COMPILE = "eager", "compile"
 LIB_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+# What users would pick instead of this library, per op (benchmarks/bench_peers.py), and the
+# practical limit of a gather-bound op (embedding_bag over the op's own rows: FBGEMM's CPU gather).
+PEERS = {"knn": ("faiss",), "knn_search": ("faiss",), "softmax": ("torch-lce",),
+         "nce": ("embedding_bag",), "bank_update": ("embedding_bag",)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    op: str                 # "nce" | "softmax" | "knn" | "bank_update"
+    op: str                 # "nce" | "softmax" | "knn" | "knn_search" | "bank_update"
     N: int                  # bank rows (kNN: train features)
     B: int = 256            # batch (kNN: queries)
     K: int = 0              # NCE negatives (kNN: neighbours k)
     dtype: str = "fp32"     # bank dtype
     D: int = D
     classes: int = 10       # kNN only
+    data: str = "random"    # kNN only: "random" unit rows or "clustered" (rows near their class centre)
 
     @property
     def id(self):
-        k = {"nce": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}"}.get(self.op, "")
-        b = "Q" if self.op == "knn" else "B"
-        return f"N{self.N}-{b}{self.B}{k}-D{self.D}-{self.dtype}"
+        k = {"nce": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}", "knn_search": f"-k{self.K}"}.get(self.op, "")
+        b = "Q" if self.op in KNN_OPS else "B"
+        data = "-clustered" if self.data == "clustered" else ""
+        return f"N{self.N}-{b}{self.B}{k}-D{self.D}-{self.dtype}{data}"
 
     @property
     def torch_dtype(self):
@@ -61,6 +67,10 @@ def _softmax(Ns, Bs, dts):
     return [Case("softmax", N, B, 0, dt) for N, B, dt in itertools.product(Ns, Bs, dts)]
 
 
+def _knn(op, N, Q, dts, classes=(10,), data=("random",)):
+    return [Case(op, N, Q, 200, dt, classes=c, data=d) for dt, c, d in itertools.product(dts, classes, data)]
+
+
 def _update(Ns, Bs, dts):
     return [Case("bank_update", N, B, 0, dt) for N, B, dt in itertools.product(Ns, Bs, dts)]
 
@@ -72,6 +82,7 @@ def _cases(device_type, size):
             "nce": _nce([3000], [8], [64], both) + [Case("nce", 500, 3, 1, "fp32", D=100)],
             "softmax": _softmax([3000], [8], both),
             "knn": [Case("knn", 3000, 250, 20, dt, classes=10) for dt in both],
+            "knn_search": [Case("knn_search", 3000, 250, 20, "fp32", data="clustered")],
             "bank_update": _update([3000], [8], both),
         }
     C, I = CIFAR_N, IMAGENET_N
@@ -83,21 +94,27 @@ def _cases(device_type, size):
             "softmax": _softmax([C, I], [128, 256], both),
             "knn": [Case("knn", C, 10_000, 200, dt, classes=10) for dt in both]
             + [Case("knn", I, 50_000 if size == "full" else 10_000, 200, dt, classes=1000) for dt in both],
+            "knn_search": _knn("knn_search", C, 10_000, both) + _knn("knn_search", I, 10_000, both),
             "bank_update": _update([C, I], [256], both),
         }
     if size == "full":
         return {
             "nce": _nce([C, I], [128, 256], [4096], both),
             "softmax": _softmax([C, I], [128, 256], both),
-            "knn": [Case("knn", C, 10_000, 200, dt, classes=10) for dt in both]
-            + [Case("knn", I, 1_000, 200, dt, classes=1000) for dt in both],
+            "knn": _knn("knn", C, 10_000, both, data=("random", "clustered"))
+            + _knn("knn", I, 1_000, both, classes=(1000,), data=("random", "clustered")),
+            "knn_search": _knn("knn_search", C, 10_000, both, data=("random", "clustered"))
+            + _knn("knn_search", I, 1_000, both, data=("random", "clustered")),
             "bank_update": _update([C, I], [128, 256], both),
         }
     return {  # CPU default: the shapes of the CPU performance targets, bf16 at CIFAR size, a K sweep
         "nce": _nce([C, I], [256], [4096], fp32) + _nce([C], [256], [4096], ("bf16",))
         + _nce([C], [128], [4096], fp32) + _nce([C], [256], [1024, 16384], fp32),
         "softmax": _softmax([C, I], [256], fp32) + _softmax([C], [256], ("bf16",)),
-        "knn": [Case("knn", C, 10_000, 200, "fp32", classes=c) for c in (10, 1000)],
+        "knn": _knn("knn", C, 10_000, fp32, classes=(10, 1000)) + _knn("knn", C, 10_000, fp32, data=("clustered",))
+        + _knn("knn", I, 1_000, fp32, classes=(1000,), data=("random", "clustered")),
+        "knn_search": _knn("knn_search", C, 10_000, fp32, data=("random", "clustered"))
+        + _knn("knn_search", I, 1_000, fp32, data=("random", "clustered")),
         "bank_update": _update([C, I], [256], both),
     }
 
@@ -106,28 +123,44 @@ def cases(op, device_type, size):
     return _cases(device_type, size)[op]
 
 
+KNN_OPS = ("knn", "knn_search")
+
+
 def providers(device_type):
     """Eager first, then each library backend of the device, then torch.compile."""
     return [EAGER] + [f"fused-{b}" for b in LIB_BACKENDS[device_type]] + [COMPILE]
 
 
+def is_peer(provider):
+    return any(provider in ps for ps in PEERS.values())
+
+
 # ops with a precision= knob: besides fused-<backend> (precision="fp32", the default),
 # fused-<backend>+bf16 runs precision="bf16" (bf16 products, fp32 accumulation)
 PRECISION_OPS = ("softmax",)
+# gather-bound ops whose bank is on 2 MiB pages (what MemoryBank allocates on CPU): fused-cpu+4k
+# runs the same kernel on a copy of the bank on ordinary 4 KiB pages, side by side
+PAGE_OPS = ("nce",)
 
 
 def op_providers(op, device_type):
-    """providers(device_type), plus the bf16-precision fused providers of PRECISION_OPS."""
-    ps = providers(device_type)
+    """providers(device_type), plus the bf16-precision fused providers of PRECISION_OPS and the
+    op's PEERS (before torch.compile; a search has no training-step baseline to compile)."""
+    base = providers(device_type)
+    eager, fused, comp = base[:1], base[1:-1], base[-1:]
     if op in PRECISION_OPS:
-        ps = ps[:-1] + [f"fused-{b}+bf16" for b in LIB_BACKENDS[device_type]] + ps[-1:]
-    return ps
+        fused += [f"fused-{b}+bf16" for b in LIB_BACKENDS[device_type]]
+    if op in PAGE_OPS and device_type == "cpu":
+        fused += ["fused-cpu+4k"]
+    if op == "knn_search":
+        comp = []
+    return eager + fused + list(PEERS.get(op, ())) + comp
 
 
 def split_provider(provider):
-    """"fused-cpu+bf16" -> ("cpu", "bf16"); "fused-cpu" -> ("cpu", "fp32")."""
-    be, _, prec = provider.split("-", 1)[1].partition("+")
-    return be, prec or "fp32"
+    """"fused-cpu+bf16" -> ("cpu", "bf16"); "fused-cpu" -> ("cpu", "fp32"); "fused-cpu+4k" -> ("cpu", "4k")."""
+    be, _, variant = provider.split("-", 1)[1].partition("+")
+    return be, variant or "fp32"
 
 
 def params(op, device_type, size):
@@ -138,10 +171,23 @@ def params(op, device_type, size):
 def bank_bytes(case):
     """Bytes of bank the op must read at least once (the fused floor, SPEC 4)."""
     es = torch.empty((), dtype=case.torch_dtype).element_size()
-    rows = {"nce": case.B * (case.K + 1), "softmax": case.N, "knn": case.N, "bank_update": case.B}[case.op]
+    rows = {"nce": case.B * (case.K + 1), "softmax": case.N, "knn": case.N, "knn_search": case.N,
+            "bank_update": case.B}[case.op]
     return rows * case.D * es
 
 
 def access(case):
     """Which bandwidth probe an op is compared with: random rows or a stream."""
     return "gather" if case.op in ("nce", "bank_update") else "read"
+
+
+def flops(case):
+    """Multiply-add FLOPs (2 per MAC) of a compute-bound op, None for a gather-bound one.
+
+    softmax: S = F V^T and the gradient's softmax(S) V, 2 * 2 * B * N * D;
+    kNN and the search: Q V^T, 2 * Q * N * D (the vote and the top-k are not counted)."""
+    if case.op == "softmax":
+        return 4 * case.B * case.N * case.D
+    if case.op in KNN_OPS:
+        return 2 * case.B * case.N * case.D
+    return None

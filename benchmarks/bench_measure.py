@@ -48,6 +48,17 @@ def bandwidth_probe(device, nbytes, dim=128, reps=5):
     return res
 
 
+def gemm_probe(device, n=2048, reps=5):
+    """The machine's square-GEMM rate in GFLOP/s (2 n^3 per n x n x n torch.mm), fp32 and bf16."""
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        out[name] = 2 * n ** 3 / best_time(lambda: torch.mm(a, b), device, reps) / 1e9
+        del a, b
+    return out
+
+
 def probe_gbps(probe, kind, row_bytes):
     """The probe figure an op is compared with (gather: the probed row size nearest ``row_bytes``)."""
     if kind == "read":

@@ -15,9 +15,11 @@ import functools
 import torch
 
 import instdisc_kernels as ik
+from instdisc_kernels import hugepages
+import bench_peers
 from bench_baselines import (bank_update_eager, knn_batch_scores_fn, knn_eager, nce_loss_fn,
-                             nce_step_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
-from bench_cases import MOMENTUM, split_provider
+                             nce_step_eager, search_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
+from bench_cases import KNN_OPS, MOMENTUM, is_peer, split_provider
 
 
 def _unit_rows(n, d, device, dtype=torch.float32):
@@ -29,21 +31,43 @@ _BANK = {}
 
 
 def bank(N, D, dtype, device):
-    """A unit-row bank, cached (one at a time: the ImageNet-size one is 656 MB in fp32)."""
+    """A unit-row bank, cached (one at a time: the ImageNet-size one is 656 MB in fp32), allocated
+    like MemoryBank's (on CPU on 2 MiB pages where the OS allows it)."""
     key = (N, D, dtype, str(device))
     if key not in _BANK:
         _BANK.clear()
-        _BANK[key] = _unit_rows(N, D, device, dtype)
+        _BANK[key] = hugepages.empty_rows(N, D, dtype=dtype, device=device).copy_(_unit_rows(N, D, device, dtype))
     return _BANK[key]
 
 
+def small_page_copy(memory):
+    """The same bank on ordinary pages (torch's allocator), for the fused-cpu+4k provider."""
+    out = torch.empty_like(memory)
+    return out.copy_(memory)
+
+
+def _clustered(n, centres, labels, device, spread=1.0):
+    """Unit rows near their class centre: normalize(centre + spread * a random unit vector)
+    (cosine about 0.7 to the centre), what learned features look like to a search."""
+    return torch.nn.functional.normalize(centres[labels] + spread * _unit_rows(n, centres.shape[1], device), dim=1)
+
+
+def _knn_inputs(case, device):
+    qlab = torch.randint(0, case.classes, (case.B,), device=device)
+    if case.data == "random":
+        return dict(memory=bank(case.N, case.D, case.torch_dtype, device), queries=_unit_rows(case.B, case.D, device),
+                    query_labels=qlab, bank_labels=torch.randint(0, case.classes, (case.N,), device=device))
+    _BANK.clear()
+    centres = _unit_rows(case.classes, case.D, device)
+    blab = torch.randint(0, case.classes, (case.N,), device=device)
+    return dict(memory=_clustered(case.N, centres, blab, device).to(case.torch_dtype),
+                queries=_clustered(case.B, centres, qlab, device), query_labels=qlab, bank_labels=blab)
+
+
 def inputs(case, device):
+    if case.op in KNN_OPS:
+        return _knn_inputs(case, device)
     g = {"memory": bank(case.N, case.D, case.torch_dtype, device)}
-    if case.op == "knn":
-        g["queries"] = _unit_rows(case.B, case.D, device)
-        g["query_labels"] = torch.randint(0, case.classes, (case.B,), device=device)
-        g["bank_labels"] = torch.randint(0, case.classes, (case.N,), device=device)
-        return g
     g["x"] = _unit_rows(case.B, case.D, device).requires_grad_(case.op != "bank_update")
     g["y"] = torch.randperm(case.N, device=device)[:case.B]
     if case.op == "nce":   # a fixed Z, as lemniscate keeps after its first batch
@@ -68,6 +92,8 @@ def tiny_call(op, backend, device):
         ik.nonparametric_softmax_loss(x, mem, y, temperature=0.1, backend=backend)
     elif op == "knn":
         ik.knn_predict(x, mem, torch.arange(N, device=device) % 3, k=5, temperature=0.1, backend=backend)
+    elif op == "knn_search":
+        ik.knn_search(x, mem, 5, backend=backend)
     else:
         ik.bank_update_(mem, y, x, backend=backend)
 
@@ -104,7 +130,12 @@ def step(case, provider, g, device):
         return _eager_step(case, g, sync)
     if provider == "compile":
         return _compiled_step(case, g, sync)
-    be, precision = split_provider(provider)
+    if is_peer(provider):
+        return bench_peers.step(case, provider, g, device)
+    be, variant = split_provider(provider)
+    precision = "bf16" if variant == "bf16" else "fp32"
+    if variant == "4k":
+        mem = small_page_copy(mem)
     if case.op == "nce":
         x, y, K, z = g["x"], g["y"], case.K, g["z"]
 
@@ -126,6 +157,10 @@ def step(case, provider, g, device):
             ik.knn_accuracy(g["queries"], g["query_labels"], mem, g["bank_labels"], k=case.K, temperature=T,
                             num_classes=case.classes, validate=False, backend=be)
             sync()
+    elif case.op == "knn_search":
+        def run():
+            ik.knn_search(g["queries"], mem, case.K, validate=False, backend=be)
+            sync()
     else:
         x, y = g["x"], g["y"]
 
@@ -144,6 +179,8 @@ def _eager_step(case, g, sync):
     if case.op == "knn":
         return lambda: (knn_eager(g["queries"], g["query_labels"], mem, g["bank_labels"], case.K, T,
                                   case.classes), sync())
+    if case.op == "knn_search":
+        return lambda: (search_eager(g["queries"], mem, case.K), sync())
     return lambda: (bank_update_eager(mem, g["y"], g["x"], m), sync())
 
 

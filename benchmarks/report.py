@@ -15,10 +15,39 @@ import json
 import os
 import sys
 
-OPS = ("nce", "softmax", "knn", "bank_update")
+OPS = ("nce", "softmax", "knn", "knn_search", "bank_update")
 OP_TITLE = {"nce": "NCE forward + backward + bank update", "softmax": "exact softmax loss + gradient + update",
-            "knn": "weighted kNN (top-1/top-5 over all queries)", "bank_update": "bank update alone"}
-OP_X = {"nce": "K (negatives)", "softmax": "N (bank rows)", "knn": "N (train features)", "bank_update": "N (bank rows)"}
+            "knn": "weighted kNN (top-1/top-5 over all queries)", "knn_search": "exact top-k search alone",
+            "bank_update": "bank update alone"}
+OP_X = {"nce": "K (negatives)", "softmax": "N (bank rows)", "knn": "N (train features)",
+        "knn_search": "N (bank rows)", "bank_update": "N (bank rows)"}
+PEERS = ("faiss", "torch-lce")          # competitors: "vs peer" = peer time / provider time
+GATHER_LIMIT = "embedding_bag"          # the gather probe: "% embag" = its time / provider time
+
+# (label, device type, op, case ids, provider, metric, minimum): vs_peer is the peer's time over the
+# provider's (times faster), pct_* a percentage of the machine's limit
+PEER_TARGETS = [
+    ("kNN 10k x 50k, k=200 vs FAISS flat + vote", "cpu", "knn",
+     ("N50000-Q10000-k200-C10-D128-fp32", "N50000-Q10000-k200-C10-D128-fp32-clustered"), "fused-cpu", "vs_peer", 3.0),
+    ("kNN 1k x 1.28M, k=200 vs FAISS flat + vote", "cpu", "knn",
+     ("N1281167-Q1000-k200-C1000-D128-fp32", "N1281167-Q1000-k200-C1000-D128-fp32-clustered"), "fused-cpu",
+     "vs_peer", 3.0),
+    ("exact softmax, N=1.28M, B=256 vs linear_cross_entropy", "cpu", "softmax",
+     ("N1281167-B256-D128-fp32",), "fused-cpu", "vs_peer", 20.0),
+]
+LIMIT_TARGETS = [
+    ("kNN at the bf16 GEMM rate", "cpu", "knn",
+     ("N50000-Q10000-k200-C10-D128-fp32", "N50000-Q10000-k200-C10-D128-fp32-clustered",
+      "N1281167-Q1000-k200-C1000-D128-fp32", "N1281167-Q1000-k200-C1000-D128-fp32-clustered"),
+     "fused-cpu", "pct_of_gemm", 60.0),
+    ("exact softmax fp32 at the fp32 GEMM rate", "cpu", "softmax", ("N1281167-B256-D128-fp32",), "fused-cpu",
+     "pct_of_gemm", 75.0),
+    ("exact softmax bf16 precision at the bf16 GEMM rate", "cpu", "softmax", ("N1281167-B256-D128-fp32",),
+     "fused-cpu+bf16", "pct_of_gemm", 70.0),
+    ("NCE at the embedding_bag rate over its rows", "cpu", "nce",
+     ("N50000-B256-K4096-D128-fp32", "N1281167-B256-K4096-D128-fp32", "N50000-B256-K4096-D128-bf16"),
+     "fused-cpu", "pct_of_embag", 60.0),
+]
 
 # (label, device type, op, case id, minimum speedup, minimum peak-memory ratio), from the kernel issues
 TARGETS = [
@@ -56,10 +85,22 @@ compares it with the session's bandwidth probe (random-row gather of rows of the
 size for NCE and the update, a streaming read for softmax and kNN). *Peak MB* is the
 extra memory of one step beyond its inputs (CUDA: max_memory_allocated minus allocated
 before; CPU: peak RSS minus RSS before); *mem ratio* is eager peak / provider peak.
+Compute-bound ops (softmax: 4*B*N*D FLOP for the two products; kNN and the search:
+2*Q*N*D) show *GFLOP/s* and *% GEMM*, the fraction of the square-GEMM rate measured in
+the same run (2048^3 torch.mm; the kNN ops and the bf16-precision softmax against the
+bf16 rate, the rest against fp32). Gather-bound ops (NCE, update) show *% embag*: the
+time of `F.embedding_bag(idx, bank, offsets, mode="sum")` over the same number of random
+rows of the same bank (the `embedding_bag` row) over the provider's time. *vs peer* is the
+peer's time (FAISS for kNN and the search, linear_cross_entropy for the softmax) over the
+provider's, same case, same run.
 Providers: `eager` (lemniscate-style baseline, benchmarks/bench_baselines.py),
 `fused-<backend>` (this library, `validate=False`; `+bf16`: the softmax with
 `precision="bf16"`, bf16 products with fp32 accumulation, against the default fp32
-products), `compile` (torch.compile of the eager baseline). A provider missing from a table was skipped (the pytest output says why).
+products), `faiss` (faiss-cpu `IndexFlatIP`, the add + search + the same vote; the search
+alone for knn_search), `torch-lce` (`linear_cross_entropy` with `LinearCrossEntropyOptions()`,
+gradient to the features, the eager update), `embedding_bag` (the gather probe; see
+benchmarks/bench_peers.py), `compile` (torch.compile of the eager baseline). A provider
+missing from a table was skipped (the pytest output says why).
 """
 
 
@@ -84,11 +125,18 @@ def load(path):
 
 
 def _ratios(rows):
-    """Speedup and memory ratio against the eager row of the same case (recomputed from the JSON)."""
+    """Speedup and memory ratio against the eager row of the same case, the peer ratio and the
+    fraction of the gather probe (recomputed from the JSON)."""
+    by = {(r["op"], r["case"], r["provider"]): r for r in rows}
     eager = {(r["op"], r["case"]): r for r in rows if r["provider"] == "eager"}
     for r in rows:
         e = eager.get((r["op"], r["case"]))
         r["speedup"] = e["time_median_s"] / r["time_median_s"] if e else None
+        peer = next((by[(r["op"], r["case"], p)] for p in PEERS if (r["op"], r["case"], p) in by), None)
+        r["vs_peer"] = (peer["time_median_s"] / r["time_median_s"]) if peer and peer is not r else None
+        r["peer"] = peer["provider"] if peer else None
+        lim = by.get((r["op"], r["case"], GATHER_LIMIT))
+        r["pct_of_embag"] = 100.0 * lim["time_median_s"] / r["time_median_s"] if lim and lim is not r else None
         pe, pr = (e or {}).get("peak_extra_bytes"), r.get("peak_extra_bytes")
         # a ratio of two near-zero peaks means nothing; a zero peak counts as one 4 KiB page
         ok = pe is not None and pr is not None and pe >= 2**20
@@ -114,6 +162,9 @@ def header(meta):
     if probe:
         lines.append(f"* bandwidth probe ({probe.get('bytes', 0) >> 20} MiB): streaming read "
                      f"{probe.get('read_gbps', 0):.1f} GB/s; random-row gather {gat} GB/s")
+    if probe.get("gemm_gflops"):
+        gm = ", ".join(f"{k} {v:.0f}" for k, v in probe["gemm_gflops"].items())
+        lines.append(f"* square-GEMM rate ({probe.get('gemm_n')}^3 torch.mm, same run): {gm} GFLOP/s")
     return "\n".join(lines)
 
 
@@ -121,14 +172,26 @@ def op_table(rows, op):
     rs = [r for r in rows if r["op"] == op]
     if not rs:
         return ""
-    out = [f"#### {OP_TITLE[op]}", "",
-           "| case | provider | median ms | speedup | GB/s | % probe | peak MB | mem ratio |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    compute = any(r.get("gflops") is not None for r in rs)
+    gather = any(r.get("pct_of_embag") is not None for r in rs)
+    peers = any(r.get("vs_peer") is not None for r in rs)
+    cols = ["case", "provider", "median ms", "speedup"] + (["vs peer"] if peers else []) + ["GB/s", "% probe"]
+    cols += (["GFLOP/s", "% GEMM"] if compute else []) + (["% embag"] if gather else []) + ["peak MB", "mem ratio"]
+    out = [f"#### {OP_TITLE[op]}", "", "| " + " | ".join(cols) + " |",
+           "| --- | --- | " + " | ".join("---:" for _ in cols[2:]) + " |"]
     for r in rs:
         peak = r.get("peak_extra_bytes")
-        out.append(f"| {r['case']} | {r['provider']} | {r['time_median_s'] * 1e3:.3f} | {_f(r['speedup'], '.2f', 'x')} "
-                   f"| {_f(r.get('gbps'), '.3g')} | {_f(r.get('pct_of_probe'), '.2g', '%')} "
-                   f"| {_f(None if peak is None else peak / 2**20, '.3g')} | {_f(r['mem_ratio'], '.3g', 'x')} |")
+        cells = [r["case"], r["provider"], f"{r['time_median_s'] * 1e3:.3f}", _f(r["speedup"], ".2f", "x")]
+        if peers:
+            cells.append(_f(r.get("vs_peer"), ".2f", "x"))
+        cells += [_f(r.get("gbps"), ".3g"), _f(r.get("pct_of_probe"), ".2g", "%")]
+        if compute:
+            pct = r.get("pct_of_gemm")
+            cells += [_f(r.get("gflops"), ".4g"), "-" if pct is None else f"{pct:.2g}% {r.get('gemm_dtype')}"]
+        if gather:
+            cells.append(_f(r.get("pct_of_embag"), ".2g", "%"))
+        cells += [_f(None if peak is None else peak / 2**20, ".3g"), _f(r["mem_ratio"], ".3g", "x")]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -146,6 +209,26 @@ def targets_table(runs):
             verdict = "met" if ok_s and ok_m else "NOT met"
             out.append(f"| {label} ({dev}) | {r['provider']} | {_f(r['speedup'], '.2f', 'x')} ({need_s:g}x) "
                        f"| {_f(r['mem_ratio'], '.3g', 'x')} ({_f(need_m, 'g', 'x')}) | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
+def _find(runs, dev, op, case, provider):
+    return [r for meta, rs in runs if meta["device_type"] == dev for r in rs
+            if r["op"] == op and r["case"] == case and r["provider"] == provider]
+
+
+def limit_targets_table(targets, runs):
+    """One row per (target, case): the metric of the named provider against its minimum."""
+    out = ["| target | case | provider | achieved (need) | verdict |", "| --- | --- | --- | ---: | --- |"]
+    for label, dev, op, cases, provider, metric, need in targets:
+        unit = "%" if metric.startswith("pct") else "x"
+        for case in cases:
+            got = [r for r in _find(runs, dev, op, case, provider) if r.get(metric) is not None]
+            if not got:
+                out.append(f"| {label} ({dev}) | {case} | {provider} | - ({need:g}{unit}) | pending: not measured |")
+            for r in got:
+                out.append(f"| {label} ({dev}) | {case} | {provider} | {r[metric]:.{0 if unit == '%' else 2}f}{unit} "
+                           f"({need:g}{unit}) | {'met' if r[metric] >= need else 'NOT met'} |")
     return "\n".join(out) + "\n"
 
 
@@ -173,18 +256,21 @@ def plot(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    for ax in axes.flat[len(OPS):]:
+        ax.axis("off")
     for ax, op in zip(axes.flat, OPS):
         series = collections.defaultdict(list)
         for meta, rows in runs:
             for r in rows:
-                if r["op"] == op and r["provider"] != "eager" and r["speedup"] is not None:
+                if (r["op"] == op and r["provider"] not in ("eager", GATHER_LIMIT) and r["speedup"] is not None):
                     x = r["K"] if op == "nce" else r["N"]
                     if op == "nce":
                         what = f"N={r['N']} B={r['B']} {r['dtype']}"
-                    elif op == "knn":   # one line per class count (case id ...-C<classes>-...)
+                    elif op in ("knn", "knn_search"):   # one line per class count and data kind
                         classes = next((p for p in r["case"].split("-") if p.startswith("C")), "")
-                        what = f"Q={r['B']} {classes} {r['dtype']}"
+                        data = "clustered" if r["case"].endswith("-clustered") else "random"
+                        what = f"Q={r['B']} {classes} {r['dtype']} {data}"
                     else:
                         what = f"B={r['B']} {r['dtype']}"
                     lab = f"{meta['device_type']} {r['provider']} {what}"
@@ -223,6 +309,9 @@ def render(runs):
             parts += [header(meta), ""]
             parts += [op_table(rows, op) for op in OPS if op_table(rows, op)]
     parts += ["## Performance targets\n", targets_table(runs),
+              "### Against the peers (FAISS, PyTorch's linear_cross_entropy)\n", limit_targets_table(PEER_TARGETS, runs),
+              "### Against the machine's limit (square-GEMM rate, embedding_bag gather)\n",
+              limit_targets_table(LIMIT_TARGETS, runs),
               "## Backend choice for `auto` on CUDA (instdisc_kernels/_backend.py CUDA_PREFERENCE)\n",
               auto_choice(runs), "", HOW_TO]
     return "\n".join(parts)

@@ -20,3 +20,8 @@ def test_knn(benchmark, bench, case, provider):
 def test_bank_update(benchmark, bench, case, provider):
     """Memory-bank momentum update alone."""
     bench.run(benchmark, case, provider)
+
+
+def test_knn_search(benchmark, bench, case, provider):
+    """Exact top-k inner-product search alone (knn_search; FAISS IndexFlatIP as the peer)."""
+    bench.run(benchmark, case, provider)

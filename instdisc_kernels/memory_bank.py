@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _validate, reference
+from . import _validate, hugepages, reference
 from .ops.bank_update import bank_update_
 
 
@@ -13,6 +13,8 @@ class MemoryBank(nn.Module):
 
     init: "uniform" (lemniscate: U(-s, s), s = 1/sqrt(D/3), rows not normalised),
     "normal" (Gaussian rows, L2-normalised) or "zeros".
+    A CPU bank of 8 MiB or more lives on 2 MiB pages where the OS allows it
+    (instdisc_kernels/hugepages.py): fewer TLB misses for the kernels' random row reads.
     """
 
     def __init__(self, num_samples, dim, *, dtype=torch.float32, device=None, momentum=0.5, init="uniform",
@@ -33,7 +35,7 @@ class MemoryBank(nn.Module):
         else:
             raise ValueError(f"init must be 'uniform', 'normal' or 'zeros', got {init!r}")
         self.momentum = float(momentum)
-        self.register_buffer("memory", mem)
+        self.register_buffer("memory", hugepages.empty_rows(num_samples, dim, dtype=dtype, device=mem.device).copy_(mem))
 
     @property
     def num_samples(self):

@@ -191,6 +191,14 @@ def softmax_grad(features, memory, indices, temperature):
 # --------------------------------------------------------------------------- #
 # SPEC 1.3: weighted kNN                                                       #
 # --------------------------------------------------------------------------- #
+def knn_topk(queries, bank, k):
+    """(similarities, indices) of the k largest inner products per query (Q x k, float64),
+    sorted by similarity descending, ties to the lower bank index (stable sort)."""
+    sim = _f64(queries) @ _f64(bank).t()                          # Q x N
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    return sim.gather(1, order), order
+
+
 def knn_scores(queries, bank, bank_labels, k, temperature, num_classes):
     """Class scores (Q x C): sum over the top-k neighbours of exp(sim / sigma).
 
