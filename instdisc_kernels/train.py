@@ -442,7 +442,7 @@ def diagnose(criterion, feats, args, lr, where, loss=None, error=None):
         return (f"the NCE normaliser Z became {z} {where}: with --nce-t {T:g} the scores / T reach 1/T = {1 / T:g} "
                 f"and exp() of that overflows float32; use a larger --nce-t (or a fixed --z)")
     if error is not None:
-        return f"the loss failed {where}: {error}"
+        return f"the loss failed {where} (--loss {args.loss}, --nce-t {T:g}): {error}"
     hint = (f"with --nce-t {T:g} the scores / T reach 1/T = {1 / T:g}, and exp() overflows float32 above ~88: "
             f"use a larger --nce-t" if 1 / T > 80 else
             f"the features, the memory bank and Z are finite; try a lower --lr (now {lr:g})")

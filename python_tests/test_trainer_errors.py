@@ -192,3 +192,24 @@ def test_os_errors_during_a_run_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "save_checkpoint", full_disk)
     _fails(capsys, ["--epochs", "1", "--out", str(tmp_path / "r"), *TINY], "No space left on device",
            "checkpoint.pt")
+
+
+@pytest.mark.parametrize("loss", ["nce", "softmax"])
+def test_nan_rows_in_the_bank_during_a_run_are_named(tmp_path, capsys, monkeypatch, loss):
+    build = train.build_criterion
+
+    def broken_bank(*a, **k):
+        crit = build(*a, **k)
+        crit.memory[:] = float("nan")
+        return crit
+    monkeypatch.setattr(train, "build_criterion", broken_bank)
+    _fails(capsys, ["--epochs", "1", "--loss", loss, "--out", str(tmp_path / "r"), *TINY],
+           "memory bank holds NaN/inf", "epoch 1, step 1", absent=["--lr"])
+
+
+def test_a_rejected_step_is_one_line_naming_the_step(tmp_path, capsys, monkeypatch):
+    def refuse(self, features, indices):
+        raise ValueError("temperature=1e-06 makes exp(score / temperature) overflow")
+    monkeypatch.setattr(train.InstDiscLoss, "forward", refuse)
+    _fails(capsys, ["--epochs", "1", "--loss", "nce", "--nce-t", "1e-6", "--out", str(tmp_path / "r"), *TINY],
+           "the loss failed at epoch 1, step 1", "--nce-t 1e-06", "temperature=1e-06", absent=["lower --lr"])
