@@ -41,6 +41,7 @@ def save_checkpoint(state: dict, path: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())       # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
+        remove_stale_temp_files(path)           # those of an earlier save that was killed
     except BaseException:
         try:
             os.unlink(tmp)

@@ -213,3 +213,30 @@ def test_a_rejected_step_is_one_line_naming_the_step(tmp_path, capsys, monkeypat
     monkeypatch.setattr(train.InstDiscLoss, "forward", refuse)
     _fails(capsys, ["--epochs", "1", "--loss", "nce", "--nce-t", "1e-6", "--out", str(tmp_path / "r"), *TINY],
            "the loss failed at epoch 1, step 1", "--nce-t 1e-06", "temperature=1e-06", absent=["lower --lr"])
+
+
+def test_resume_after_a_kill_inside_a_save_removes_its_temp_file(trained, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    run = tmp_path / "run"
+    shutil.copytree(os.path.dirname(trained), run)
+    path = str(run / "checkpoint.pt")
+    code = textwrap.dedent(f"""
+        import os, signal
+        from instdisc_kernels import checkpoint as c
+        def dying_save(obj, f):
+            f.write(b"x" * 4096); f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        c.torch.save = dying_save
+        c.save_checkpoint(c.load_checkpoint({path!r}), {path!r})
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert [n for n in os.listdir(run) if n.startswith(".tmp-checkpoint.pt-")]
+    assert train.main(["--resume", path, "--epochs", "2", "--no-progress"]) == 0
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    assert ckpt.load_checkpoint(path)["epoch"] == 2
