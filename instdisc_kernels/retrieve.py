@@ -6,12 +6,13 @@ training images) from a checkpoint written by ``instdisc-train``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, trainer_checkpoint_problems
 from .data import DataError, build_data
 from .models import build_model, extract_features
 from .plots import plot_retrieval
@@ -40,6 +41,14 @@ def draw_retrieval(bundle, train_feats, test_feats, path, *, num_queries=8, k=10
                    [[bundle.display_train(j) for j in row.tolist()] for row in nn_idx], n_lab, path, title=title)
     hits = sum(int(lab == ql) for ql, row in zip(q_lab, n_lab) for lab in row)
     return hits / max(1, sum(len(r) for r in n_lab))
+
+
+def _bank(ck, path):
+    """The memory bank of a checkpoint: in it (--bank local) or in bank/ next to it."""
+    if ck["criterion"] is not None:
+        return ck["criterion"]["bank.memory"]
+    from .distributed.checkpoint import read_bank
+    return read_bank(os.path.join(os.path.dirname(os.path.abspath(path)), "bank"), ck.get("bank_meta"))[0]
 
 
 def build_parser():
@@ -72,6 +81,9 @@ def main(argv=None):
                           ("cpu" if a.device == "auto" else a.device))
     try:
         ck = load_checkpoint(a.checkpoint)
+        problems = trainer_checkpoint_problems(ck)
+        if problems:
+            raise CheckpointError(f"cannot use {a.checkpoint}: " + "; ".join(problems))
         args = ck["args"]
         bundle = build_data(args["dataset"], root=a.data_root or args["data_root"], download=False,
                             image_size=args["image_size"], limit_train=args["limit_train"],
@@ -79,17 +91,21 @@ def main(argv=None):
         if bundle.num_train != ck["num_samples"]:
             raise CheckpointError(f"the checkpoint's memory bank has {ck['num_samples']} rows but the dataset "
                                   f"now has {bundle.num_train} training images")
+        model = build_model(args["arch"], dim=args["feat_dim"], in_channels=bundle.in_channels).to(device)
+        try:
+            model.load_state_dict(ck["model"])
+            bank = None if a.recompute else _bank(ck, a.checkpoint)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"cannot use {a.checkpoint}: {e}") from None
     except (CheckpointError, DataError) as e:
         print(f"instdisc-retrieve: error: {e}", file=sys.stderr)
         return 2
-    model = build_model(args["arch"], dim=args["feat_dim"], in_channels=bundle.in_channels).to(device)
-    model.load_state_dict(ck["model"])
     progress = not a.no_progress
     if a.recompute:
         train_feats, _ = extract_features(model, bundle.train_plain, batch_size=a.batch_size, device=device,
                                           progress=progress, desc="train features")
     else:
-        train_feats = ck["criterion"]["bank.memory"].to(device).float()
+        train_feats = bank.to(device).float()
         train_feats = torch.nn.functional.normalize(train_feats, dim=1)
     qs = pick_queries(len(bundle.test), a.queries, a.seed)
     sub = torch.utils.data.Subset(bundle.test, qs)

@@ -15,13 +15,15 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
 from . import _backend
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, checksum_problems, load_checkpoint, remove_stale_temp_files, rng_state,
+                         save_checkpoint, set_rng_state, trainer_checkpoint_problems)
 from .data import DATASETS, DataError, build_data
 from .models import ARCHS, build_model, count_parameters, extract_features, unwrap
 from .modules import InstDiscLoss
@@ -53,6 +55,10 @@ STRUCTURAL = ("dataset", "arch", "feat_dim", "bank_dtype", "image_size")
 
 class ConfigError(Exception):
     """An inconsistent run configuration (reported without a traceback)."""
+
+
+class TrainingError(Exception):
+    """The run cannot go on (it diverged, or the loss failed): reported without a traceback."""
 
 
 def _defaults_table():
@@ -332,6 +338,117 @@ def raw_pixels(dataset):
     return torch.nn.functional.normalize(x, dim=1)
 
 
+def check_backend(args, device):
+    """ConfigError when --backend cannot run this run's loss on ``device``."""
+    b = args.backend
+    if b in ("triton", "cuda") and device.type != "cuda":
+        why = "no CUDA device is available" if not torch.cuda.is_available() else "this run is on --device cpu"
+        raise ConfigError(f"--backend {b} runs its kernels on a CUDA GPU, but {why}: use --backend auto, cpu or "
+                          f"reference")
+    from .ops import softmax
+    try:
+        (softmax.resolve_backend if args.loss == "softmax" else resolve_backend)(b, device)
+    except ValueError as e:
+        raise ConfigError(f"--backend {b} with --loss {args.loss}: {e}") from None
+
+
+def prepare_out(out):
+    """Create the output folder; ConfigError when it cannot be created or written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is an existing file, not a folder: choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {out}: {parent} is a file, so no folder can be created under it")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be created or written ({e.strerror or e}): choose a writable "
+                          f"--out") from None
+
+
+def restore(ck, args, model, criterion, optimizer, scheduler, rank, world, distributed):
+    """Load checkpoint ``ck`` into the run: weights, bank and Z, optimiser, schedule and every
+    RNG stream (per rank when distributed: each rank gets its own saved streams back)."""
+    unwrap(model).load_state_dict(ck["model"])
+    resume_dir = os.path.dirname(os.path.abspath(args.resume))
+    if distributed and ck["criterion"] is not None:     # a --bank local checkpoint: take our rows
+        lo, hi = criterion.shard_range
+        criterion.memory.copy_(ck["criterion"]["bank.memory"][lo:hi])
+        criterion.z.copy_(ck["criterion"]["z"])
+    elif distributed:   # the bank is in <checkpoint folder>/bank, saved at any world size
+        from .distributed import load_resharded
+        load_resharded(criterion, os.path.join(resume_dir, "bank"), expect_meta=ck.get("bank_meta"))
+    elif ck["criterion"] is None:
+        raise ConfigError(f"{args.resume} was written by --bank replicated/sharded (its bank is in "
+                          f"bank/ next to it): resume it with --bank replicated or sharded")
+    streams = ck.get("rank_rng")
+    if not distributed:
+        criterion.load_state_dict(ck["criterion"])
+        rng, gen_state = ck["rng"], ck["criterion_generator"]
+    elif streams is not None and len(streams) == world:
+        rng, gen_state = streams[rank]["rng"], streams[rank]["criterion_generator"]
+    else:               # another world size (or a --bank local checkpoint): new per-rank streams
+        if rank == 0:
+            print(f"note: {args.resume} holds the RNG streams of {len(streams) if streams else 1} process(es), "
+                  f"this run has {world}: the negatives are reseeded, so the run will not repeat an "
+                  f"uninterrupted one bit for bit", file=sys.stderr)
+        rng, gen_state = ck["rng"], None
+        criterion.generator.manual_seed(args.seed + 1 + 1_000_003 * rank + 7919 * ck["epoch"])
+    if gen_state is not None:
+        criterion.generator.set_state(gen_state)
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    set_rng_state(rng)
+
+
+def rank_rng_streams(criterion, world):
+    """Every rank's RNG streams (python, numpy, torch, CUDA, the negatives' generator), in rank
+    order, on every rank (one all_gather_object per epoch, a few kB)."""
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, {"rng": rng_state(), "criterion_generator": criterion.generator.get_state()})
+    return out
+
+
+def _finite(t):
+    return bool(torch.isfinite(t).all())
+
+
+def check_weights(model, epoch, lr):
+    """TrainingError when a weight or buffer of the network stopped being finite in ``epoch``."""
+    bad = [k for k, t in unwrap(model).state_dict().items() if t.is_floating_point() and not _finite(t)]
+    if bad:
+        raise TrainingError(f"the run diverged in epoch {epoch}: the network's weights became NaN/inf "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) with lr {lr:g}; "
+                            f"try a lower --lr")
+
+
+def diagnose(criterion, feats, args, lr, where, loss=None, error=None):
+    """The message of a step whose loss failed (``error``) or is not finite (``loss``)."""
+    if feats is not None and not _finite(feats.detach()):
+        return (f"the run diverged {where}: the network's features became NaN/inf with lr {lr:g}; "
+                f"try a lower --lr")
+    mem = criterion.memory
+    bad = ~torch.isfinite(mem).all(1)
+    if bool(bad.any()):
+        return (f"the memory bank holds NaN/inf in {int(bad.sum())} rows (first: row {int(bad.nonzero()[0, 0])}) "
+                f"{where}; restart from a checkpoint with a finite bank")
+    z, T = float(criterion.z), args.nce_t
+    if args.loss == "nce" and not (math.isfinite(z) and (z > 0 or z == -1.0)):
+        return (f"the NCE normaliser Z became {z} {where}: with --nce-t {T:g} the scores / T reach 1/T = {1 / T:g} "
+                f"and exp() of that overflows float32; use a larger --nce-t (or a fixed --z)")
+    if error is not None:
+        return f"the loss failed {where} (--loss {args.loss}, --nce-t {T:g}): {error}"
+    hint = (f"with --nce-t {T:g} the scores / T reach 1/T = {1 / T:g}, and exp() overflows float32 above ~88: "
+            f"use a larger --nce-t" if 1 / T > 80 else
+            f"the features, the memory bank and Z are finite; try a lower --lr (now {lr:g})")
+    return f"the loss is {loss} {where}: {hint}"
+
+
 def _crash_point():
     v = os.environ.get(CRASH_ENV)
     if not v:
@@ -353,13 +470,17 @@ def train_one_epoch(model, criterion, optimizer, loader, device, args, epoch):
         x, idx = x.to(device, non_blocking=True), idx.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             feats = model(x)
-        loss = criterion(feats.float(), idx)          # reads the old bank rows, then updates them
+        where, lr = f"at epoch {epoch}, step {step}", optimizer.param_groups[0]["lr"]
+        try:
+            loss = criterion(feats.float(), idx)      # reads the old bank rows, then updates them
+        except (ValueError, TypeError) as e:          # the library rejected this step's input
+            raise TrainingError(diagnose(criterion, feats, args, lr, where, error=e)) from None
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise TrainingError(diagnose(criterion, feats, args, lr, where, loss=lv))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"the loss is {lv} at epoch {epoch}, step {step}; try a smaller --lr")
         total += lv * x.shape[0]
         seen += x.shape[0]
         bar.set_postfix(loss=f"{lv:.4f}")
@@ -410,7 +531,10 @@ def run(args, given):
     t_start = time.perf_counter()
     ck = None
     if args.resume:
-        ck = load_checkpoint(args.resume)
+        ck = load_checkpoint(args.resume, verify=False)
+        problems = checksum_problems(ck) + trainer_checkpoint_problems(ck)
+        if problems:
+            raise CheckpointError(f"cannot resume from {args.resume}: " + "; ".join(problems))
         merged = vars(args).copy()                      # flags newer than the checkpoint keep defaults
         merged.update(ck["args"])
         merged.update(given)
@@ -431,6 +555,7 @@ def _train(args, ck, t_start):
     main_rank = rank == 0
     distributed = dist_device is not None
     device = dist_device or resolve_device(args.device)
+    check_backend(args, device)
     progress = not args.no_progress
 
     bundle = build_data(args.dataset, root=args.data_root, download=args.download, image_size=args.image_size,
@@ -447,7 +572,12 @@ def _train(args, ck, t_start):
         dist.broadcast_object_list(box, src=0)
         out = box[0]
     args.out = out
-    os.makedirs(out, exist_ok=True)
+    prepare_out(out)
+    if main_rank:
+        stale = remove_stale_temp_files(os.path.join(out, "checkpoint.pt"))
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) left in {out} by an interrupted checkpoint save",
+                  file=sys.stderr)
 
     model = build_model(args.arch, dim=args.feat_dim, in_channels=bundle.in_channels).to(device)
     criterion = build_criterion(args, N, device)
@@ -473,25 +603,10 @@ def _train(args, ck, t_start):
                    progress=progress)
 
     if ck is not None:
-        unwrap(model).load_state_dict(ck["model"])
-        if distributed and ck["criterion"] is not None:     # a --bank local checkpoint: take our rows
-            lo, hi = criterion.shard_range
-            criterion.memory.copy_(ck["criterion"]["bank.memory"][lo:hi])
-            criterion.z.copy_(ck["criterion"]["z"])
-        elif distributed:   # the bank is in <checkpoint folder>/bank, saved at any world size
-            from .distributed import load_resharded
-            load_resharded(criterion, os.path.join(os.path.dirname(os.path.abspath(args.resume)), "bank"))
-        elif ck["criterion"] is None:
-            raise ConfigError(f"{args.resume} was written by --bank replicated/sharded (its bank is in "
-                              f"bank/ next to it): resume it with --bank replicated or sharded")
-        if distributed:
-            criterion.generator.manual_seed(args.seed + 1 + 1_000_003 * rank + 7919 * ck["epoch"])
-        else:
-            criterion.load_state_dict(ck["criterion"])
-            criterion.generator.set_state(ck["criterion_generator"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
+        try:
+            restore(ck, args, model, criterion, optimizer, scheduler, rank, world, distributed)
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
+            raise CheckpointError(f"cannot restore the run from {args.resume}: {e}") from None
         history, baselines, start = list(ck["history"]), dict(ck["baselines"]), ck["epoch"] + 1
         if main_rank:
             print(f"resuming {args.resume} after epoch {ck['epoch']}", file=sys.stderr)
@@ -521,17 +636,27 @@ def _train(args, ck, t_start):
         lr = optimizer.param_groups[0]["lr"]
         loss, seen = train_one_epoch(net, criterion, optimizer, loader, device, args, epoch)
         t_train = time.perf_counter() - t0
+        check_weights(model, epoch, lr)
         scheduler.step()
-        if distributed:
-            top1, top5 = distributed_knn(model, criterion, bundle, train_labels, args, feat_kw, rank, world)
-        else:
-            q, _ = extract_features(net, bundle.test, desc="test features", **feat_kw)
-            top1, top5 = knn_eval(q, test_labels, bank_features(criterion), train_labels, args, bundle.num_classes)
+        try:
+            if distributed:
+                top1, top5 = distributed_knn(model, criterion, bundle, train_labels, args, feat_kw, rank, world)
+            else:
+                q, _ = extract_features(net, bundle.test, desc="test features", **feat_kw)
+                top1, top5 = knn_eval(q, test_labels, bank_features(criterion), train_labels, args,
+                                      bundle.num_classes)
+        except ValueError as e:
+            if "NaN or inf" not in str(e):
+                raise
+            raise TrainingError(f"the run diverged in epoch {epoch}: the network's features of the test images "
+                                f"are NaN/inf (its weights grew too large with lr {lr:g}; {e}); try a lower --lr") \
+                from None
         rec = {"epoch": epoch, "loss": loss, "lr": lr, "knn_top1": top1, "knn_top5": top5,
                "seconds": time.perf_counter() - t0, "images_per_s": seen * world / t_train}
-        if distributed:
+        if distributed:                # every rank writes its rows, and hands rank 0 its RNG streams
             from .distributed import save_sharded
-            save_sharded(criterion, os.path.join(out, "bank"))       # every rank writes its rows
+            save_sharded(criterion, os.path.join(out, "bank"), meta={"epoch": epoch})
+            streams = rank_rng_streams(criterion, world)
         if not main_rank:
             continue
         history.append(rec)
@@ -542,6 +667,7 @@ def _train(args, ck, t_start):
             "criterion": None if distributed else criterion.state_dict(),
             "criterion_generator": criterion.generator.get_state(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history, "baselines": baselines,
+            **({"rank_rng": streams, "bank_meta": {"epoch": epoch}} if distributed else {}),
         }, os.path.join(out, "checkpoint.pt"))
         if time.perf_counter() - last_plot > 20:       # the final evaluation always draws it
             plot_curves(history, os.path.join(out, "curves.png"), title=f"InstDisc on {args.dataset} ({args.arch})")
@@ -639,9 +765,16 @@ def main(argv=None):
     parser, args, given = parse_args(argv)
     try:
         return run(args, given)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, FloatingPointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:           # a full disk, a folder removed while running, ...
+        print(f"{parser.prog}: error: {e.strerror or e}"
+              f"{f': {e.filename}' if getattr(e, 'filename', None) else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: error: interrupted (resume with --resume <out>/checkpoint.pt)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

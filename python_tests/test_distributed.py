@@ -316,15 +316,17 @@ COMMON = list(CONFIGS) + ["random_negatives", "knn", "bad_input"]
 RUNS = {3: COMMON + ["checkpoint_save"], 2: COMMON + ["ddp", "checkpoint_load"]}
 
 
-def _worker(rank, world, port, outdir, ckpt):
+def _serve(rank, world, port, outdir, scenarios, timeout_s=60):
+    """Join the gloo group and run each ``scenarios[name](rank, world)`` in order, recording
+    (traceback or None, seconds) per name in outdir/rank<r>.pkl."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     results = {}
-    for name in RUNS[world]:
+    for name, fn in scenarios.items():
         t0 = time.monotonic()
         try:
-            SCENARIOS[name](rank, world, ckpt)
+            fn(rank, world)
             results[name] = (None, time.monotonic() - t0)
         except Exception:  # noqa: BLE001
             results[name] = (traceback.format_exc(), time.monotonic() - t0)
@@ -333,14 +335,21 @@ def _worker(rank, world, port, outdir, ckpt):
         pickle.dump(results, f)
 
 
+def _worker(rank, world, port, outdir, ckpt):
+    _serve(rank, world, port, outdir,
+           {name: (lambda fn: lambda r, w: fn(r, w, ckpt))(SCENARIOS[name]) for name in RUNS[world]})
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch(world, outdir, ckpt, limit=300):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), str(ckpt)), nprocs=world,
+def _launch(world, outdir, ckpt, limit=300, worker=_worker):
+    """Spawn ``worker(rank, world, port, outdir, ckpt)`` on ``world`` processes; every rank's pickled
+    results (rank<r>.pkl in outdir). A run that outlives ``limit`` seconds fails as a hang."""
+    ctx = mp.start_processes(worker, args=(world, _free_port(), str(outdir), str(ckpt)), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + limit
     while not ctx.join(timeout=1):

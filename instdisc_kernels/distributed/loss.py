@@ -11,10 +11,13 @@ loss, the usual DDP convention.) No collective runs in backward.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import nn
 
 from .. import _validate, reference
+from .._backend import BACKENDS
 from ..memory_bank import MemoryBank
 from ..ops import knn as _knn
 from ..ops.bank_update import bank_update_
@@ -69,6 +72,60 @@ def _check_config(mode, num_samples, dim, num_negatives, temperature, momentum, 
     return z_init
 
 
+# Constructor arguments that must be equal on every rank: (name, kind); kind is float, int, bool or
+# the tuple of allowed values (encoded as the position). One all_gather of the int64 encodings at
+# construction compares them all.
+_Z_MODES = ("first-batch", "ema", "fixed")
+_FINGERPRINT = (("mode", MODES), ("num_samples", int), ("dim", int), ("num_negatives", int),
+                ("temperature", float), ("momentum", float), ("z", _Z_MODES), ("z value", float),
+                ("z_ema", float), ("proximal", float), ("loss_type", ("nce", "infonce")),
+                ("backend", BACKENDS), ("bank_dtype", _validate.FLOAT_DTYPES), ("validate", bool))
+
+
+_STEP_SCHEMA = (("features dtype", _validate.FLOAT_DTYPES),)
+_KNN_SCHEMA = (("queries dtype", _validate.FLOAT_DTYPES), ("k", int), ("temperature", float),
+               ("num_classes (-1: None)", int), ("batch_size", int))
+
+
+def _fingerprint(mode, num_samples, dim, num_negatives, temperature, momentum, z, z_ema, proximal, loss_type,
+                 backend, bank_dtype, validate):
+    """The int64 encoding of the (already validated) arguments, in _FINGERPRINT order."""
+    z_mode = z if isinstance(z, str) else "fixed"
+    values = (mode, num_samples, dim, num_negatives, temperature, momentum, z_mode,
+              float(z) if z_mode == "fixed" else -1.0, z_ema, proximal, loss_type, backend, bank_dtype, validate)
+    return [_encode(v, kind) for v, (_, kind) in zip(values, _FINGERPRINT)]
+
+
+def _encode(v, kind):
+    if kind is float:
+        return struct.unpack("<q", struct.pack("<d", float(v)))[0]
+    if isinstance(kind, tuple):
+        return kind.index(v)
+    return int(v)
+
+
+def _decode(code, kind):
+    if kind is float:
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    if isinstance(kind, tuple):
+        return kind[code]
+    return kind(code)
+
+
+def check_same_on_every_rank(table, schema, hint):
+    """ValueError naming each column of ``table`` (a (world, len(schema)) int64 table from
+    _comm.agree) whose value differs across ranks. Every rank holds the same table, so every
+    rank raises the same error."""
+    diffs = []
+    for j, (name, kind) in enumerate(schema):
+        col = table[:, j].tolist()
+        if len(set(col)) > 1:
+            per_rank = ", ".join(f"rank {r}: {_decode(c, kind)}" for r, c in enumerate(col))
+            diffs.append(f"{name} differs across ranks ({per_rank})")
+    if diffs:
+        raise ValueError("; ".join(diffs) + f": {hint}")
+
+
 class DistributedInstDiscLoss(nn.Module):
     """InstDisc loss (NCE, InfoNCE or exact softmax) whose bank spans a process group.
 
@@ -98,21 +155,17 @@ class DistributedInstDiscLoss(nn.Module):
         self.group = group
         self.rank, self.world_size = _comm.rank_and_size(group)
         self.device = torch.device("cpu")
-        err, z_init = None, -1.0
+        err, z_init, cfg = None, -1.0, [0] * len(_FINGERPRINT)
         try:        # local checks, then every rank agrees: a bad or different config fails all ranks
             z_init = _check_config(mode, num_samples, dim, num_negatives, temperature, momentum, z, z_ema,
                                    proximal, loss_type, backend, bank_dtype, self.world_size)
             self.device = torch.device(device) if device is not None else torch.device("cpu")
+            cfg = _fingerprint(mode, num_samples, dim, num_negatives, temperature, momentum, z, z_ema, proximal,
+                               loss_type, backend, bank_dtype, validate)
         except (TypeError, ValueError, RuntimeError) as e:
             err = e
-        cfg = [num_samples, dim, MODES.index(mode), num_negatives, _validate.FLOAT_DTYPES.index(bank_dtype),
-               loss_type == "infonce"] if err is None else [0] * 6
-        table = _comm.agree(err, cfg, group=group, device=self.device)
-        names = ("num_samples", "dim", "mode", "num_negatives", "bank_dtype", "loss_type")
-        for j, name in enumerate(names):
-            if len(set(table[:, j].tolist())) > 1:
-                raise ValueError(f"{name} differs across ranks ({name} per rank, encoded: {table[:, j].tolist()}); "
-                                 f"every rank must build the same DistributedInstDiscLoss")
+        check_same_on_every_rank(_comm.agree(err, cfg, group=group, device=self.device), _FINGERPRINT,
+                                 "every rank must build DistributedInstDiscLoss with the same arguments")
         W, N = self.world_size, num_samples
         self.mode, self.num_samples, self.dim = mode, N, dim
         self.num_negatives, self.temperature = num_negatives, float(temperature)
@@ -174,14 +227,16 @@ class DistributedInstDiscLoss(nn.Module):
         neg_indices: optional explicit (B, K) global negative rows of the local batch
         (tests); given on every rank or on none.
         """
-        err, batch, k_given = None, 0, -1
+        err, batch, k_given, dtype = None, 0, -1, 0
         try:
             k_given = self._check_batch(features, indices, neg_indices)
-            batch = features.shape[0]
+            batch, dtype = features.shape[0], _encode(features.dtype, _validate.FLOAT_DTYPES)
         except (TypeError, ValueError) as e:
             err = e
         need = int(isinstance(features, torch.Tensor) and features.requires_grad and torch.is_grad_enabled())
-        table = _comm.agree(err, [batch, need, k_given], group=self.group, device=self.device)
+        table = _comm.agree(err, [batch, need, k_given, dtype], group=self.group, device=self.device)
+        check_same_on_every_rank(table[:, 3:], _STEP_SCHEMA, "every rank must pass features of the same dtype "
+                                 "(the gathered batch and the bank update need one dtype)")
         sizes, any_grad, ks = table[:, 0].tolist(), bool(table[:, 1].any()), table[:, 2].tolist()
         if len(set(ks)) > 1:
             raise ValueError(f"neg_indices must be given on every rank or on none, with the same K; "
@@ -281,14 +336,18 @@ class DistributedInstDiscLoss(nn.Module):
         Sharded: queries are all_gathered in rounds of batch_size per rank, each
         shard computes its top k, and the owners merge the W lists."""
         T = self.temperature if temperature is None else temperature
-        err, q, qmax = None, 0, -1
+        err, q, qmax, same = None, 0, -1, [0] * len(_KNN_SCHEMA)
         try:
             self._check_knn(queries, query_labels, bank_labels, k, T, num_classes, batch_size)
             q = queries.shape[0]
             qmax = int(query_labels.max()) if q else -1
+            same = [_encode(v, kind) for v, (_, kind) in
+                    zip((queries.dtype, k, T, -1 if num_classes is None else num_classes, batch_size), _KNN_SCHEMA)]
         except (TypeError, ValueError) as e:
             err = e
-        table = _comm.agree(err, [q, qmax], group=self.group, device=self.device)
+        table = _comm.agree(err, [q, qmax, *same], group=self.group, device=self.device)
+        check_same_on_every_rank(table[:, 2:], _KNN_SCHEMA, "every rank must call knn_accuracy with the same "
+                                 "arguments and queries of the same dtype")
         qsizes = table[:, 0].tolist()
         if sum(qsizes) == 0:
             raise ValueError("knn_accuracy: no queries on any rank")
