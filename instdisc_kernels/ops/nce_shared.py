@@ -345,16 +345,18 @@ def forward_eager(features, memory, indices, neg_indices, z, temperature, proxim
         z_out = torch.exp(log_z).to(torch.float32).reshape(1)
     else:
         log_z = combine_log_z(None, z, 0.0)
-    Zf = log_z.to(acc)
+    # log P - log c, with P = exp(s/T) / Z: -log(P0/(P0+c0)) = softplus(-x0),
+    # -log((c-EPS)/(P+c)) = softplus(x) + log(c/(c-EPS)); d/ds: sigmoid(x)/T, -sigmoid(-x0)/T
     c = noise_c(neg_indices, N, K, noise_probs, acc).expand(B, K)
     c0 = noise_c(indices, N, K, noise_probs, acc)
-    P = torch.exp(s - Zf)
-    P0 = torch.exp(t0 - Zf)
-    ln_pos = torch.log(P0 / (P0 + c0))
-    ln_neg = torch.where(keep, torch.log((c - EPS) / (P + c)), 0)
-    loss = -(ln_pos.sum() + ln_neg.sum()) / B
-    coef = torch.where(keep, P / (P + c), 0)
-    grad = (torch.mm(coef.to(cd), G).to(acc) - (c0 / (P0 + c0))[:, None] * Vy) / (T * B)
+    x = s - log_z.to(acc) - torch.log(c)
+    x0 = t0 - log_z.to(acc) - torch.log(c0)
+    sp = torch.nn.functional.softplus
+    ln_neg = torch.where(keep, sp(x) + torch.log(c / (c - EPS)), 0)
+    loss = (sp(-x0).sum().double() + ln_neg.sum().double()) / B
+    coef = torch.where(keep, torch.sigmoid(x), 0)
+    grad = (torch.mm(coef.to(cd), G).to(acc) - torch.sigmoid(-x0)[:, None] * Vy) / (T * B)
+    loss = loss.to(acc)
     return _finish(loss, grad, prox_loss, prox_grad, z_out)
 
 

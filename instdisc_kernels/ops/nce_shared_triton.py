@@ -73,7 +73,7 @@ def _shared_tile_kernel(F_ptr, G_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, B, K, D, 
             x = s + tl.load(bias_ptr + offs_k, mask=kmask, other=0.0)[None, :]
             e = tl.exp(-tl.abs(x))
             u = 1.0 + e
-            log1p = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+            log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
             sp = tl.maximum(x, 0.0) + log1p                               # softplus(x)
             l += tl.sum(tl.where(kmask[None, :], sp, 0.0), axis=1)
             w = tl.where(kmask[None, :], tl.sigmoid(x), 0.0)
