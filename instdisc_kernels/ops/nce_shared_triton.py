@@ -91,27 +91,6 @@ def _shared_tile_kernel(F_ptr, G_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr, B, K, D, 
                  mask=bmask[:, None] & dmask[None, :])
 
 
-def _launch_params(B, K, D, cols_per_split, device):
-    block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":          # the interpreter pays per program and per iteration
-        block_b = min(64, max(16, triton.next_power_of_2(B)))
-        block_k, num_warps = 64, 4
-    else:
-        block_b = 64 if B > 32 else max(16, triton.next_power_of_2(B))
-        block_k = 64 if block_d <= 128 else 32
-        num_warps = 4 if block_d <= 128 else 8
-    n_row_blocks = triton.cdiv(B, block_b)
-    if cols_per_split <= 0:
-        if device.type != "cuda":
-            cols_per_split = K
-        else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            splits = max(1, min(triton.cdiv(4 * sms, n_row_blocks), triton.cdiv(K, 4 * block_k)))
-            cols_per_split = triton.cdiv(K, splits)
-    cols_per_split = triton.cdiv(cols_per_split, block_k) * block_k
-    return block_b, block_k, block_d, num_warps, n_row_blocks, cols_per_split, triton.cdiv(K, cols_per_split)
-
-
 class _Launcher:
     def __init__(self, F, G, temperature, precision, chunk_size):
         self.F, self.G = F, G
@@ -119,8 +98,10 @@ class _Launcher:
         self.K = G.shape[0]
         self.inv_t = 1.0 / temperature
         self.interp = triton_interpreting() and F.device.type == "cpu"
+        # the exact softmax's tiling (same loop shape; its register/spill notes apply here too)
+        self.params = _softmax._launch_params(self.B, self.K, self.D, chunk_size, precision, F.device)
         (self.block_b, self.block_k, self.block_d, self.num_warps, self.n_rb, self.cps,
-         self.splits) = _launch_params(self.B, self.K, self.D, chunk_size, F.device)
+         self.splits) = self.params
         self.use_bf16 = precision == "bf16"
         self.dot_prec = "ieee" if self.interp else ("tf32" if self.use_bf16 else "tf32x3")
 
@@ -153,8 +134,7 @@ def forward_triton(features, memory, indices, neg_indices, z, temperature, proxi
     run = _Launcher(F, G, T, precision, chunk_size)
     z_out = z.to(torch.float32).clone()
     if loss_type == 1:       # the online log-sum-exp over G is the exact softmax's kernel
-        bb, bk, bd, nw, n_rb, cps, splits = _softmax._launch_params(B, K, features.shape[1], chunk_size,
-                                                                   precision, F.device)
+        bb, bk, bd, nw, n_rb, cps, splits = run.params
         m = torch.empty(splits, B, dtype=acc, device=F.device)
         l = torch.empty(splits, B, dtype=acc, device=F.device)
         A = torch.empty(splits, B, features.shape[1], dtype=acc, device=F.device)
