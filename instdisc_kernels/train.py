@@ -112,7 +112,7 @@ def build_parser(suppress=False):
     add(g, "--nce-k", type=int, help=f"K, negatives per sample (digits {D['nce_k']}, otherwise 4096)")
     add(g, "--negatives", default="per-sample", choices=("per-sample", "shared"),
         help="NCE/InfoNCE negatives: per-sample (K per image, lemniscate; default) or shared (one set of K "
-             "for the whole batch: two GEMMs, see ops/nce_shared.py; --bank sharded: not implemented)")
+             "for the whole batch: two GEMMs, see ops/nce_shared.py)")
     add(g, "--nce-t", type=float, help="temperature T (digits/cifar10 0.1, imagefolder 0.07)")
     add(g, "--nce-m", default=0.5, type=float, help="memory bank momentum m (default: 0.5)")
     add(g, "--z", default="first-batch",

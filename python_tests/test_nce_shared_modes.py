@@ -1,5 +1,5 @@
-"""Shared negatives beyond the op: the trainer's --negatives flag and the replicated
-distributed mode (2 gloo ranks) against the single-process step on the same K rows."""
+"""Shared negatives beyond the op: the trainer's --negatives flag and the replicated and
+sharded distributed modes (2 gloo ranks) against the single-process step on the same K rows."""
 import datetime
 import os
 import pickle
@@ -31,8 +31,10 @@ def test_trainer_shared_negatives_run(tmp_path):
 
 def _replicated(rank, world):
     chk = Checks()
-    for be, lt in (("reference", "nce"), ("cpu", "infonce"), ("cpu", "nce")):
-        crit = DistributedInstDiscLoss(N, DIM, mode="replicated", num_negatives=K, temperature=T, loss_type=lt,
+    for mode, be, lt in (("replicated", "reference", "nce"), ("replicated", "cpu", "infonce"),
+                         ("replicated", "cpu", "nce"), ("sharded", "reference", "nce"),
+                         ("sharded", "reference", "infonce")):
+        crit = DistributedInstDiscLoss(N, DIM, mode=mode, num_negatives=K, temperature=T, loss_type=lt,
                                        backend=be, negatives="shared", generator=torch.Generator().manual_seed(rank))
         ref_mem = crit.full_bank(all_ranks=True).clone()
         ref_z = torch.tensor([-1.0])
@@ -42,7 +44,7 @@ def _replicated(rank, world):
             # the documented rule: torch.randint(0, N, (K,)) from the shared generator
             neg = torch.randint(0, N, (K,), generator=torch.Generator().set_state(crit.shared_generator.get_state()))
             negs = _gather_all(neg, world)
-            chk.true(f"{be} step {step}: shared negatives differ across ranks",
+            chk.true(f"{mode} {be} step {step}: shared negatives differ across ranks",
                      all(torch.equal(x, negs[0]) for x in negs))
             fr = feats.clone().requires_grad_(True)
             lr = ik.nce_loss(fr, ref_mem, y, neg_indices=neg, negatives="shared", temperature=T, z=ref_z,
@@ -52,13 +54,13 @@ def _replicated(rank, world):
             loss = crit(fl, y[off:off + b])
             loss.backward()
             tol = TOL[torch.float32]
-            chk.close(f"{be} {lt} step {step} loss", loss.detach(), lr.detach(), **tol)
-            chk.close(f"{be} {lt} step {step} grad", fl.grad, world * fr.grad[off:off + b], **tol)
-            chk.close(f"{be} {lt} step {step} bank", crit.full_bank(all_ranks=True), ref_mem, rtol=0, atol=2e-6)
+            chk.close(f"{mode} {be} {lt} step {step} loss", loss.detach(), lr.detach(), **tol)
+            chk.close(f"{mode} {be} {lt} step {step} grad", fl.grad, world * fr.grad[off:off + b], **tol)
+            chk.close(f"{mode} {be} {lt} step {step} bank", crit.full_bank(all_ranks=True), ref_mem, rtol=0, atol=2e-6)
             if lt == "nce":
-                chk.close(f"{be} step {step} Z", crit.z, ref_z, rtol=1e-6, atol=0)
-    chk.raises("sharded + shared", ValueError, ["replicated"],
-               lambda: DistributedInstDiscLoss(N, DIM, mode="sharded", negatives="shared"))
+                chk.close(f"{mode} {be} step {step} Z", crit.z, ref_z, rtol=1e-6, atol=0)
+    chk.raises("bad negatives", ValueError, ["negatives"],
+               lambda: DistributedInstDiscLoss(N, DIM, mode="sharded", negatives="batch"))
     chk.raise_if_any()
 
 
@@ -76,7 +78,7 @@ def _worker(rank, world, port, outdir):
         pickle.dump(err, f)
 
 
-def test_replicated_shared_negatives_match_single_process(tmp_path):
+def test_distributed_shared_negatives_match_single_process(tmp_path):
     world = 2
     ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")

@@ -19,7 +19,7 @@ from ..memory_bank import MemoryBank
 from ..ops import knn as _knn
 from ..ops.bank_update import bank_update_
 from ..ops.nce import draw_negatives, nce_loss
-from ..ops.nce_shared import draw_shared_negatives
+from ..ops.nce_shared import draw_shared_negatives, shared_entries
 from ..ops.softmax import nonparametric_softmax_loss
 from . import _comm, _sharded
 
@@ -77,10 +77,12 @@ class DistributedInstDiscLoss(nn.Module):
     bank and Z are broadcast; each step every rank applies the update of the
     whole global batch in rank order (identical banks; the last occurrence of a
     repeated index wins). Negatives are drawn per rank; with negatives="shared"
-    (replicated only) every rank draws the same K shared rows each step from
-    ``shared_generator`` (seeded from rank 0's broadcast seed), so the global
-    batch shares one negative set (ops/nce_shared.py); explicit neg_indices are
-    not accepted then.
+    every rank draws the same K shared rows each step from ``shared_generator``
+    (seeded from rank 0's broadcast seed), so the global batch shares one
+    negative set (ops/nce_shared.py; explicit neg_indices are not accepted then).
+    Sharded, each shard scores the global batch against its own share of the K
+    rows as entries of the sharded NCE (Z and the InfoNCE log-sum-exp combined
+    by all_reduce, like the exact softmax), not as the fused GEMM kernel.
     mode="sharded": rank r holds rows [N*r//W, N*(r+1)//W); no rank holds the
     bank. Communication per step is O(B_global * D): features and indices are
     all_gathered, per-shard negative counts exchanged (all_to_all, B_global
@@ -99,9 +101,8 @@ class DistributedInstDiscLoss(nn.Module):
                  negatives="per-sample"):
         super().__init__()
         import torch.distributed as dist
-        if negatives not in ("per-sample", "shared") or (negatives == "shared" and mode != "replicated"):
-            raise ValueError(f"negatives must be 'per-sample' or 'shared' (mode='replicated' only; sharded "
-                             f"shared negatives are not implemented), got {negatives!r} with mode={mode!r}")
+        if negatives not in ("per-sample", "shared"):
+            raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
         self.negatives = negatives
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedInstDiscLoss needs torch.distributed.init_process_group() first")
@@ -260,7 +261,11 @@ class DistributedInstDiscLoss(nn.Module):
             loss, grad = _sharded.exact_softmax(F, yg, mem, lo, temperature=self.temperature,
                                                 need_grad=any_grad, group=self.group)
         else:
-            if neg_indices is not None:
+            if self.negatives == "shared" and neg_indices is None:
+                K = self.num_negatives
+                rows, cols = shared_entries(draw_shared_negatives(yg, self.num_samples, K,
+                                                                  generator=self.shared_generator), F.shape[0], lo, hi)
+            elif neg_indices is not None:
                 neg_g = _comm.all_gather_rows(neg_indices.long(), sizes, self.group)
                 rows, cols = _sharded.negatives_from_matrix(neg_g, lo, hi)
                 K = neg_indices.shape[1]

@@ -429,6 +429,14 @@ def draw_shared_negatives(indices, num_samples, num_negatives, *, generator=None
     return neg.view(-1).to(indices.device)
 
 
+def shared_entries(neg_indices, batch, lo, hi):
+    """(rows, cols) entries of the sharded NCE (distributed/_sharded.py) for shared negatives:
+    every batch row b against each shared negative in this shard's rows [lo, hi) (cols local)."""
+    mine = neg_indices[(neg_indices >= lo) & (neg_indices < hi)] - lo
+    rows = torch.arange(batch, device=neg_indices.device).repeat_interleave(mine.numel())
+    return rows, mine.repeat(batch)
+
+
 def check_shared_neg_indices(neg_indices, features, N, validate):
     _validate.check_tensor("neg_indices", neg_indices)
     if neg_indices.dtype not in (torch.int64, torch.int32):

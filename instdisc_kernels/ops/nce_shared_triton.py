@@ -111,10 +111,13 @@ class _Launcher:
         m = torch.empty(self.splits, B, dtype=torch.float32, device=dev)
         l = torch.empty(self.splits, B, dtype=torch.float32, device=dev)
         acc = torch.empty(self.splits if mode else 1, B, D, dtype=torch.float32, device=dev)
-        _shared_tile_kernel[(self.n_rb, self.splits)](
+        block_b, num_warps = self.block_b, self.num_warps
+        if mode == 0 and not self.use_bf16 and not self.interp and block_b == 32:
+            block_b, num_warps = 16, 4      # sm_90 AOT: the Z pass spills 16 B at 32 x 32 with 8 warps (tf32x3)
+        _shared_tile_kernel[(triton.cdiv(B, block_b), self.splits)](
             self.F, self.G, m if bias is None else bias, m, l, acc, B, self.K, D, self.cps, self.inv_t,
-            MODE=mode, BLOCK_B=self.block_b, BLOCK_K=self.block_k, BLOCK_D=self.block_d,
-            USE_BF16=self.use_bf16, INTERPRET=self.interp, DOT_PREC=self.dot_prec, num_warps=self.num_warps)
+            MODE=mode, BLOCK_B=block_b, BLOCK_K=self.block_k, BLOCK_D=self.block_d,
+            USE_BF16=self.use_bf16, INTERPRET=self.interp, DOT_PREC=self.dot_prec, num_warps=num_warps)
         return m, l, acc
 
 
