@@ -71,6 +71,22 @@ def nce_step_eager(x, memory, y, num_negatives, temperature, z, momentum):
     return loss
 
 
+def nce_shared_step_eager(x, memory, y, num_negatives, temperature, z, momentum):
+    """The same step with one set of K negatives for the batch, written the plain eager way:
+    gather the K rows, B x K logits by mm, NCECriterion on [positive, K shared], autograd."""
+    x.grad = None
+    neg = torch.randint(0, memory.shape[0], (num_negatives,), device=y.device)
+    G = torch.index_select(memory, 0, neg)
+    pos_rows = torch.index_select(memory, 0, y)
+    xs = x.to(G.dtype)
+    out = torch.cat([(pos_rows * xs).sum(1, keepdim=True), xs @ G.t()], 1).float()
+    loss = nce_criterion(torch.exp(out / temperature) / z, memory.shape[0])
+    loss.backward()
+    with torch.no_grad():
+        _write_rows(memory, y, pos_rows, x, momentum)
+    return loss
+
+
 # --------------------------------------------------------------------------- #
 # Memory update                                                                #
 # --------------------------------------------------------------------------- #

@@ -24,12 +24,13 @@ LIB_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 # What users would pick instead of this library, per op (benchmarks/bench_peers.py), and the
 # practical limit of a gather-bound op (embedding_bag over the op's own rows: FBGEMM's CPU gather).
 PEERS = {"knn": ("faiss",), "knn_search": ("faiss",), "softmax": ("torch-lce",),
-         "nce": ("embedding_bag",), "bank_update": ("embedding_bag",)}
+         "nce": ("embedding_bag",), "bank_update": ("embedding_bag",),
+         "nce_shared": ("torch-mm",)}     # torch-mm: the step's two products alone, same shapes
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    op: str                 # "nce" | "softmax" | "knn" | "knn_search" | "bank_update"
+    op: str                 # "nce" | "nce_shared" | "softmax" | "knn" | "knn_search" | "bank_update"
     N: int                  # bank rows (kNN: train features)
     B: int = 256            # batch (kNN: queries)
     K: int = 0              # NCE negatives (kNN: neighbours k)
@@ -40,7 +41,7 @@ class Case:
 
     @property
     def id(self):
-        k = {"nce": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}", "knn_search": f"-k{self.K}"}.get(self.op, "")
+        k = {"nce": f"-K{self.K}", "nce_shared": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}", "knn_search": f"-k{self.K}"}.get(self.op, "")
         b = "Q" if self.op in KNN_OPS else "B"
         data = "-clustered" if self.data == "clustered" else ""
         return f"N{self.N}-{b}{self.B}{k}-D{self.D}-{self.dtype}{data}"
@@ -56,7 +57,7 @@ class Case:
     @property
     def scale(self):
         """The x axis of the speedup plot: K for NCE, N otherwise."""
-        return self.K if self.op == "nce" else self.N
+        return self.K if self.op in ("nce", "nce_shared") else self.N
 
 
 def _nce(Ns, Bs, Ks, dts):
@@ -73,6 +74,13 @@ def _knn(op, N, Q, dts, classes=(10,), data=("random",)):
 
 def _update(Ns, Bs, dts):
     return [Case("bank_update", N, B, 0, dt) for N, B, dt in itertools.product(Ns, Bs, dts)]
+
+
+def _shared(size):
+    """Shared negatives (one set of K per step) beside the per-sample NCE at K = 4096."""
+    if size == "smoke":
+        return [Case("nce_shared", 3000, 8, 64, "fp32"), Case("nce_shared", 500, 3, 1, "fp32", D=100)]
+    return [Case("nce_shared", CIFAR_N, 256, K, "fp32") for K in (4096, 65536)]
 
 
 def _cases(device_type, size):
@@ -120,6 +128,8 @@ def _cases(device_type, size):
 
 
 def cases(op, device_type, size):
+    if op == "nce_shared":
+        return _shared(size)
     return _cases(device_type, size)[op]
 
 
@@ -137,7 +147,7 @@ def is_peer(provider):
 
 # ops with a precision= knob: besides fused-<backend> (precision="fp32", the default),
 # fused-<backend>+bf16 runs precision="bf16" (bf16 products, fp32 accumulation)
-PRECISION_OPS = ("softmax",)
+PRECISION_OPS = ("softmax", "nce_shared")
 # gather-bound ops whose bank is on 2 MiB pages (what MemoryBank allocates on CPU): fused-cpu+4k
 # runs the same kernel on a copy of the bank on ordinary 4 KiB pages, side by side
 PAGE_OPS = ("nce",)
@@ -171,23 +181,26 @@ def params(op, device_type, size):
 def bank_bytes(case):
     """Bytes of bank the op must read at least once (the fused floor, SPEC 4)."""
     es = torch.empty((), dtype=case.torch_dtype).element_size()
-    rows = {"nce": case.B * (case.K + 1), "softmax": case.N, "knn": case.N, "knn_search": case.N,
+    rows = {"nce": case.B * (case.K + 1), "nce_shared": case.B + case.K, "softmax": case.N, "knn": case.N, "knn_search": case.N,
             "bank_update": case.B}[case.op]
     return rows * case.D * es
 
 
 def access(case):
     """Which bandwidth probe an op is compared with: random rows or a stream."""
-    return "gather" if case.op in ("nce", "bank_update") else "read"
+    return "gather" if case.op in ("nce", "nce_shared", "bank_update") else "read"
 
 
 def flops(case):
     """Multiply-add FLOPs (2 per MAC) of a compute-bound op, None for a gather-bound one.
 
     softmax: S = F V^T and the gradient's softmax(S) V, 2 * 2 * B * N * D;
-    kNN and the search: Q V^T, 2 * Q * N * D (the vote and the top-k are not counted)."""
+    kNN and the search: Q V^T, 2 * Q * N * D (the vote and the top-k are not counted);
+    shared-negative NCE: S = F G^T and coef G over the K shared rows, 2 * 2 * B * K * D."""
     if case.op == "softmax":
         return 4 * case.B * case.N * case.D
+    if case.op == "nce_shared":
+        return 4 * case.B * case.K * case.D
     if case.op in KNN_OPS:
         return 2 * case.B * case.N * case.D
     return None

@@ -18,7 +18,7 @@ import instdisc_kernels as ik
 from instdisc_kernels import hugepages
 import bench_peers
 from bench_baselines import (bank_update_eager, knn_batch_scores_fn, knn_eager, nce_loss_fn,
-                             nce_step_eager, search_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
+                             nce_shared_step_eager, nce_step_eager, search_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
 from bench_cases import KNN_OPS, MOMENTUM, is_peer, split_provider
 
 
@@ -70,7 +70,7 @@ def inputs(case, device):
     g = {"memory": bank(case.N, case.D, case.torch_dtype, device)}
     g["x"] = _unit_rows(case.B, case.D, device).requires_grad_(case.op != "bank_update")
     g["y"] = torch.randperm(case.N, device=device)[:case.B]
-    if case.op == "nce":   # a fixed Z, as lemniscate keeps after its first batch
+    if case.op in ("nce", "nce_shared"):   # a fixed Z, as lemniscate keeps after its first batch
         idx = torch.randint(0, case.N, (case.B, 64), device=device)
         s = torch.einsum("bkd,bd->bk", g["memory"][idx].float(), g["x"].detach())
         g["z"] = float(case.N * torch.exp(s / case.temperature).mean())
@@ -88,6 +88,8 @@ def tiny_call(op, backend, device):
     y = torch.arange(B, device=device)
     if op == "nce":
         ik.nce_loss(x, mem, y, num_negatives=8, temperature=0.1, backend=backend)
+    elif op == "nce_shared":
+        ik.nce_loss(x, mem, y, num_negatives=8, temperature=0.1, backend=backend, negatives="shared")
     elif op == "softmax":
         ik.nonparametric_softmax_loss(x, mem, y, temperature=0.1, backend=backend)
     elif op == "knn":
@@ -136,13 +138,14 @@ def step(case, provider, g, device):
     precision = "bf16" if variant == "bf16" else "fp32"
     if variant == "4k":
         mem = small_page_copy(mem)
-    if case.op == "nce":
+    if case.op in ("nce", "nce_shared"):
         x, y, K, z = g["x"], g["y"], case.K, g["z"]
+        shared = dict(negatives="shared", precision=precision) if case.op == "nce_shared" else {}
 
         def run():
             x.grad = None
             ik.nce_loss(x, mem, y, num_negatives=K, temperature=T, z=z, momentum=m, validate=False,
-                        backend=be).backward()
+                        backend=be, **shared).backward()
             sync()
     elif case.op == "softmax":
         x, y = g["x"], g["y"]
@@ -174,6 +177,8 @@ def _eager_step(case, g, sync):
     T, m, mem = case.temperature, MOMENTUM, g["memory"]
     if case.op == "nce":
         return lambda: (nce_step_eager(g["x"], mem, g["y"], case.K, T, g["z"], m), sync())
+    if case.op == "nce_shared":
+        return lambda: (nce_shared_step_eager(g["x"], mem, g["y"], case.K, T, g["z"], m), sync())
     if case.op == "softmax":
         return lambda: (softmax_step_eager(g["x"], mem, g["y"], T, m), sync())
     if case.op == "knn":

@@ -10,6 +10,9 @@
   with ``options=LinearCrossEntropyOptions()`` (never builds the B x N logits),
   the bank as the weight, features / T as the input, the gradient to the features
   only, then the same eager bank update as the baseline.
+* ``torch-mm`` (shared-negative NCE): the step's two products alone, torch.mm of
+  the same shapes on ready inputs, S = x @ G^T (B x K) and W @ G (W: B x K): the
+  GEMM rate the fused step is held against (no gather, epilogue, update).
 * ``embedding_bag``: ``F.embedding_bag(idx, bank, offsets, mode="sum")`` over the
   op's own rows (NCE: the B*(K+1) rows of a step, one bag per batch row; update: the
   B rows), FBGEMM's CPU gather. Not a competitor: the practical limit of reading
@@ -84,6 +87,18 @@ def step(case, provider, g, device):
             x.grad = None
             F.linear_cross_entropy((x / T).to(mem.dtype), mem, y, options=opts).backward()
             bank_update_eager(mem, y, x, MOMENTUM)
+        return run
+    if provider == "torch-mm":
+        x = g["x"].detach().float()
+        G = torch.randn(case.K, case.D, device=device)
+        W = torch.randn(case.B, case.K, device=device)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+        def run():
+            torch.mm(x, G.t())
+            out = torch.mm(W, G)
+            sync()
+            return out
         return run
     if provider == "embedding_bag":
         B = case.B

@@ -15,13 +15,14 @@ import json
 import os
 import sys
 
-OPS = ("nce", "softmax", "knn", "knn_search", "bank_update")
-OP_TITLE = {"nce": "NCE forward + backward + bank update", "softmax": "exact softmax loss + gradient + update",
+OPS = ("nce", "nce_shared", "softmax", "knn", "knn_search", "bank_update")
+OP_TITLE = {"nce": "NCE forward + backward + bank update",
+            "nce_shared": "NCE, K negatives shared by the batch: forward + backward + update", "softmax": "exact softmax loss + gradient + update",
             "knn": "weighted kNN (top-1/top-5 over all queries)", "knn_search": "exact top-k search alone",
             "bank_update": "bank update alone"}
-OP_X = {"nce": "K (negatives)", "softmax": "N (bank rows)", "knn": "N (train features)",
+OP_X = {"nce": "K (negatives)", "nce_shared": "K (shared negatives)", "softmax": "N (bank rows)", "knn": "N (train features)",
         "knn_search": "N (bank rows)", "bank_update": "N (bank rows)"}
-PEERS = ("faiss", "torch-lce")          # competitors: "vs peer" = peer time / provider time
+PEERS = ("faiss", "torch-lce", "torch-mm")          # competitors (torch-mm: the GEMMs alone): "vs peer" = peer time / provider time
 GATHER_LIMIT = "embedding_bag"          # the gather probe: "% embag" = its time / provider time
 
 # (label, device type, op, case ids, provider, metric, minimum): vs_peer is the peer's time over the
@@ -34,6 +35,18 @@ PEER_TARGETS = [
      "vs_peer", 3.0),
     ("exact softmax, N=1.28M, B=256 vs linear_cross_entropy", "cpu", "softmax",
      ("N1281167-B256-D128-fp32",), "fused-cpu", "vs_peer", 20.0),
+    ("shared-negative NCE at the rate of torch.mm of the same shapes (0.7 = 70%)", "cpu", "nce_shared",
+     ("N50000-B256-K4096-D128-fp32", "N50000-B256-K65536-D128-fp32"), "fused-cpu", "vs_peer", 0.7),
+]
+# (label, device type, (op, case, provider) measured, (op, case, provider) compared with, minimum of
+# the compared row's time over the measured row's), both from the same run
+CROSS_TARGETS = [
+    ("shared K=4096 vs per-sample fused NCE at K=4096 (times faster)", "cpu",
+     ("nce_shared", "N50000-B256-K4096-D128-fp32", "fused-cpu"), ("nce", "N50000-B256-K4096-D128-fp32", "fused-cpu"),
+     5.0),
+    ("shared K=65,536 within 2x the time of per-sample fused K=4096 (0.5 = 2x)", "cpu",
+     ("nce_shared", "N50000-B256-K65536-D128-fp32", "fused-cpu"), ("nce", "N50000-B256-K4096-D128-fp32", "fused-cpu"),
+     0.5),
 ]
 LIMIT_TARGETS = [
     ("kNN at the bf16 GEMM rate", "cpu", "knn",
@@ -85,8 +98,8 @@ compares it with the session's bandwidth probe (random-row gather of rows of the
 size for NCE and the update, a streaming read for softmax and kNN). *Peak MB* is the
 extra memory of one step beyond its inputs (CUDA: max_memory_allocated minus allocated
 before; CPU: peak RSS minus RSS before); *mem ratio* is eager peak / provider peak.
-Compute-bound ops (softmax: 4*B*N*D FLOP for the two products; kNN and the search:
-2*Q*N*D) show *GFLOP/s* and *% GEMM*, the fraction of the square-GEMM rate measured in
+Compute-bound ops (softmax: 4*B*N*D FLOP for the two products; shared-negative NCE:
+4*B*K*D; kNN and the search: 2*Q*N*D) show *GFLOP/s* and *% GEMM*, the fraction of the square-GEMM rate measured in
 the same run (2048^3 torch.mm; the kNN ops and the bf16-precision softmax against the
 bf16 rate, the rest against fp32). Gather-bound ops (NCE, update) show *% embag*: the
 time of `F.embedding_bag(idx, bank, offsets, mode="sum")` over the same number of random
@@ -99,7 +112,8 @@ Providers: `eager` (lemniscate-style baseline, benchmarks/bench_baselines.py),
 products), `faiss` (faiss-cpu `IndexFlatIP`, the add + search + the same vote; the search
 alone for knn_search), `torch-lce` (`linear_cross_entropy` with `LinearCrossEntropyOptions()`,
 gradient to the features, the eager update), `embedding_bag` (the gather probe; see
-benchmarks/bench_peers.py), `compile` (torch.compile of the eager baseline). A provider
+benchmarks/bench_peers.py), `torch-mm` (the shared-negative step's two products alone: torch.mm
+of the same shapes on ready inputs), `compile` (torch.compile of the eager baseline). A provider
 missing from a table was skipped (the pytest output says why).
 """
 
@@ -232,6 +246,25 @@ def limit_targets_table(targets, runs):
     return "\n".join(out) + "\n"
 
 
+def cross_targets_table(runs):
+    out = ["| target | run | ratio (need) | verdict |", "| --- | --- | ---: | --- |"]
+    for label, dev, (op, case, prov), (op2, case2, prov2), need in CROSS_TARGETS:
+        done = False
+        for meta, rs in runs:
+            if meta["device_type"] != dev:
+                continue
+            mine = [r for r in rs if (r["op"], r["case"], r["provider"]) == (op, case, prov)]
+            other = [r for r in rs if (r["op"], r["case"], r["provider"]) == (op2, case2, prov2)]
+            if mine and other:
+                ratio = other[0]["time_median_s"] / mine[0]["time_median_s"]
+                out.append(f"| {label} ({dev}) | {meta.get('path', '?')} | {ratio:.2f} ({need:g}) | "
+                           f"{'met' if ratio >= need else 'NOT met'} |")
+                done = True
+        if not done:
+            out.append(f"| {label} ({dev}) | - | - ({need:g}) | pending: not measured |")
+    return "\n".join(out) + "\n"
+
+
 def auto_choice(runs):
     """Which fused CUDA provider won most cases, per op (why _backend.CUDA_PREFERENCE is what it is)."""
     out = []
@@ -256,7 +289,7 @@ def plot(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))   # one panel per op (6)
     for ax in axes.flat[len(OPS):]:
         ax.axis("off")
     for ax, op in zip(axes.flat, OPS):
@@ -264,8 +297,8 @@ def plot(runs, path):
         for meta, rows in runs:
             for r in rows:
                 if (r["op"] == op and r["provider"] not in ("eager", GATHER_LIMIT) and r["speedup"] is not None):
-                    x = r["K"] if op == "nce" else r["N"]
-                    if op == "nce":
+                    x = r["K"] if op in ("nce", "nce_shared") else r["N"]
+                    if op in ("nce", "nce_shared"):
                         what = f"N={r['N']} B={r['B']} {r['dtype']}"
                     elif op in ("knn", "knn_search"):   # one line per class count and data kind
                         classes = next((p for p in r["case"].split("-") if p.startswith("C")), "")
@@ -310,6 +343,7 @@ def render(runs):
             parts += [op_table(rows, op) for op in OPS if op_table(rows, op)]
     parts += ["## Performance targets\n", targets_table(runs),
               "### Against the peers (FAISS, PyTorch's linear_cross_entropy)\n", limit_targets_table(PEER_TARGETS, runs),
+              "### Shared against per-sample negatives (same run)\n", cross_targets_table(runs),
               "### Against the machine's limit (square-GEMM rate, embedding_bag gather)\n",
               limit_targets_table(LIMIT_TARGETS, runs),
               "## Backend choice for `auto` on CUDA (instdisc_kernels/_backend.py CUDA_PREFERENCE)\n",

@@ -7,6 +7,11 @@ def test_nce(benchmark, bench, case, provider):
     bench.run(benchmark, case, provider)
 
 
+def test_nce_shared(benchmark, bench, case, provider):
+    """NCE with one set of K shared negatives per step (ops/nce_shared.py): forward + backward + update."""
+    bench.run(benchmark, case, provider)
+
+
 def test_softmax(benchmark, bench, case, provider):
     """Exact non-parametric softmax loss + gradient + bank update (SPEC 1.2)."""
     bench.run(benchmark, case, provider)

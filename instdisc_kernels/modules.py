@@ -17,12 +17,15 @@ class InstDiscLoss(nn.Module):
     bank rows, then updates the bank (fused, in the same call).
     num_negatives=0 selects the exact non-parametric softmax (SPEC 1.2).
     z: "first-batch" (lemniscate), "ema" (moving average, factor z_ema) or a float.
+    negatives: "per-sample" (K per row) or "shared" (one set of K for the batch, ops/nce_shared.py).
     """
 
     def __init__(self, num_samples, dim=128, *, num_negatives=4096, temperature=0.07, momentum=0.5,
                  z="first-batch", z_ema=0.99, proximal=0.0, bank_dtype=torch.float32, loss_type="nce",
-                 backend="auto", device=None, generator=None):
+                 backend="auto", device=None, generator=None, negatives="per-sample"):
         super().__init__()
+        if negatives not in ("per-sample", "shared"):
+            raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
         z_init = _validate.check_loss_config(
             num_samples=num_samples, dim=dim, num_negatives=num_negatives, temperature=temperature,
             momentum=momentum, z=z, z_ema=z_ema, proximal=proximal, loss_type=loss_type, backend=backend,
@@ -38,6 +41,7 @@ class InstDiscLoss(nn.Module):
         self.loss_type = loss_type
         self.backend = backend
         self.generator = generator
+        self.negatives = negatives
 
     @property
     def memory(self):
@@ -50,7 +54,8 @@ class InstDiscLoss(nn.Module):
         return nce_loss(features, self.bank.memory, indices, num_negatives=self.num_negatives,
                         temperature=self.temperature, z=self.z, momentum=self.bank.momentum,
                         proximal=self.proximal, generator=self.generator, loss_type=self.loss_type,
-                        z_ema=self.z_ema if self.z_mode == "ema" else None, backend=self.backend)
+                        z_ema=self.z_ema if self.z_mode == "ema" else None, backend=self.backend,
+                        negatives=self.negatives)
 
     def extra_repr(self):
         k = "exact softmax" if self.num_negatives == 0 else f"num_negatives={self.num_negatives}"

@@ -219,3 +219,40 @@ def knn_topk_accuracy(scores, labels):
     top1 = (order[:, 0] == labels).double().mean().item() * 100
     top5 = (order[:, :k5] == labels.view(-1, 1)).any(1).double().mean().item() * 100
     return top1, top5
+
+
+# --------------------------------------------------------------------------- #
+# Shared negatives (ops/nce_shared.py): one set of K negatives for the batch   #
+# --------------------------------------------------------------------------- #
+def shared_nce_forward(features, memory, indices, neg_indices, *, temperature, z=0.0, loss_type="nce",
+                       proximal=0.0, z_ema=0.0, noise_probs=None, exclude_positive=False):
+    """(loss, dloss/dfeatures, Z) in float64 with the K shared negatives neg_indices (K,):
+    row b scores [y[b], n_1..n_K]. exclude_positive drops entry (b, k) with n_k == y[b] from
+    every sum of row b (its terms, its softmax, the Z mean). The gradient is autograd's."""
+    B, K, N = features.shape[0], neg_indices.shape[0], memory.shape[0]
+    T = temperature
+    idx = index_matrix(indices, neg_indices.view(1, -1).expand(B, K))
+    keep = torch.ones(B, K + 1, dtype=torch.bool)
+    if exclude_positive:
+        keep[:, 1:] = neg_indices.view(1, -1) != indices.view(-1, 1)
+    F = _f64(features).requires_grad_()
+    s = torch.einsum("bkd,bd->bk", _f64(memory)[idx], F)                 # B x (K+1)
+    Z = torch.tensor(float(z), dtype=torch.float64)
+    if loss_type in ("infonce", 1):
+        logits = (s / T).masked_fill(~keep, float("-inf"))
+        loss = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+    else:
+        if z <= 0 or z_ema > 0:
+            est = N * torch.exp(s.detach()[keep] / T).mean()
+            Z = est if z <= 0 else z_ema * float(z) + (1 - z_ema) * est
+        P = torch.exp(s / T) / Z
+        c = K * noise_prob(idx, N, noise_probs) + EPS
+        c = c.expand(B, K + 1)
+        ln_pos = torch.log(P[:, 0] / (P[:, 0] + c[:, 0]))
+        ln_neg = torch.log((c[:, 1:] - EPS) / (P[:, 1:] + c[:, 1:]))
+        loss = -(ln_pos.sum() + ln_neg[keep[:, 1:]].sum()) / B
+    if proximal > 0:
+        diff = F - _f64(memory)[indices]
+        loss = loss + proximal * (diff * diff).sum() / B
+    (grad,) = torch.autograd.grad(loss, F)
+    return loss.detach(), grad, Z

@@ -116,6 +116,9 @@ def build_parser(suppress=False):
              f"bank; infonce: softmax cross-entropy over the K+1 sampled scores (digits {D['loss']}, "
              "otherwise nce)")
     add(g, "--nce-k", type=int, help=f"K, negatives per sample (digits {D['nce_k']}, otherwise 4096)")
+    add(g, "--negatives", default="per-sample", choices=("per-sample", "shared"),
+        help="NCE/InfoNCE negatives: per-sample (K per image, lemniscate; default) or shared (one set of K "
+             "for the whole batch: two GEMMs, see ops/nce_shared.py)")
     add(g, "--nce-t", type=float, help="temperature T (digits/cifar10 0.1, imagefolder 0.07)")
     add(g, "--nce-m", default=0.5, type=float, help="memory bank momentum m (default: 0.5)")
     add(g, "--z", default="first-batch",
@@ -295,14 +298,14 @@ def build_criterion(args, num_samples, device):
             num_samples, args.feat_dim, mode=args.bank, num_negatives=0 if args.loss == "softmax" else args.nce_k,
             temperature=args.nce_t, momentum=args.nce_m, z=parse_z(args.z), proximal=args.proximal,
             bank_dtype=BANK_DTYPES[args.bank_dtype], loss_type="infonce" if args.loss == "infonce" else "nce",
-            backend=args.backend, device=device, generator=gen)
+            backend=args.backend, device=device, generator=gen, negatives=args.negatives)
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed + 1)
     return InstDiscLoss(
         num_samples, args.feat_dim, num_negatives=0 if args.loss == "softmax" else args.nce_k,
         temperature=args.nce_t, momentum=args.nce_m, z=parse_z(args.z), proximal=args.proximal,
         bank_dtype=BANK_DTYPES[args.bank_dtype], loss_type="infonce" if args.loss == "infonce" else "nce",
-        backend=args.backend, device=device, generator=gen)
+        backend=args.backend, device=device, generator=gen, negatives=args.negatives)
 
 
 def bank_features(criterion):

@@ -33,14 +33,14 @@ import tempfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = ("nce_triton", "bank_update_triton", "softmax_triton")
+MODULES = ("nce_triton", "bank_update_triton", "softmax_triton", "nce_shared_triton")
 TARGET = ("cuda", 90, 32)
 SM_COUNT = 132                      # H100 SXM and H200
 B, D, K = 256, 128, 4096
 N = 50_021                          # bank rows (odd, like a real dataset size; small to allocate)
 TEMPERATURE = 0.07
 MAX_SHARED = 232448                 # sm_90 opt-in shared memory per block (227 KiB): larger fails at launch
-NO_SPILLS = ("softmax_triton.",)    # kernels (by module) whose every variant must compile without a stack frame
+NO_SPILLS = ("softmax_triton.", "nce_shared_triton.")    # kernels (by module) whose every variant must compile without a stack frame
 
 
 # --------------------------------------------------------------------------- #
@@ -123,7 +123,31 @@ def test_kernel_compiles_to_sm90_cubin(aot, kernel):
 # --------------------------------------------------------------------------- #
 # Subprocess side (TRITON_INTERPRET=0): record launches, compile them          #
 # --------------------------------------------------------------------------- #
-def _scenarios(nt, bt, st, torch):
+def _shared_scenarios(sh, banks, feats, y, g, torch):
+    """Shared negatives (ops/nce_shared_triton.py): the Z pass, the NCE pass and InfoNCE (through the
+    softmax kernel) per bank dtype and precision. The recorder does not run the kernels, so the Z
+    pass's outputs are garbage and the Z check may raise: the launches are recorded by then."""
+    negs = torch.randint(0, N, (K,), generator=g)
+
+    def call(bank, prec, loss, z, b=B):
+        def run():
+            try:
+                sh.forward_triton(feats["fp32"][:b], banks[bank], y[:b], negs, torch.tensor([z]), TEMPERATURE,
+                                  0.0, loss, 0.0, True, None, prec, 0)
+            except ValueError:
+                pass
+        return run
+    out = []
+    for bank in ("fp32", "bf16"):
+        for prec in ("fp32", "bf16"):
+            out.append((f"shared-nce-{bank}-{prec}-zfirst", call(bank, prec, 0, -1.0)))
+            out.append((f"shared-nce-{bank}-{prec}-zfixed", call(bank, prec, 0, float(N))))
+            out.append((f"shared-infonce-{bank}-{prec}", call(bank, prec, 1, -1.0)))
+    out.append(("shared-nce-bf16-bf16-B16", call("bf16", "bf16", 0, float(N), b=16)))
+    return out
+
+
+def _scenarios(nt, bt, st, torch, sh=None):
     """(name, thunk) pairs; each thunk calls one launcher with realistic inputs."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, N, (B,), generator=g)
@@ -189,6 +213,8 @@ def _scenarios(nt, bt, st, torch):
     for prec in ("fp32", "bf16"):
         out.append((f"softmax-bf16-{prec}-B16", lambda prec=prec: st.forward_triton(
             feats["fp32"][:16], banks["bf16"], ys, TEMPERATURE, prec, 0)))
+    if sh is not None:
+        out += _shared_scenarios(sh, banks, feats, y, g, torch)
     return out
 
 
@@ -298,7 +324,8 @@ def _main(out_path):
     from instdisc_kernels.ops import bank_update_triton as bt
     from instdisc_kernels.ops import nce_triton as nt
     from instdisc_kernels.ops import softmax_triton as st
-    mods = {"nce_triton": nt, "bank_update_triton": bt, "softmax_triton": st}
+    from instdisc_kernels.ops import nce_shared_triton as sh
+    mods = {"nce_triton": nt, "bank_update_triton": bt, "softmax_triton": st, "nce_shared_triton": sh}
 
     # kernels: module-level JITFunctions that no other JITFunction of the module calls
     kernels = {}
@@ -337,7 +364,7 @@ def _main(out_path):
     assert not st.triton_interpreting()
     cases = {}
     try:
-        for scen, thunk in _scenarios(nt, bt, st, torch):
+        for scen, thunk in _scenarios(nt, bt, st, torch, sh):
             del records[:]
             thunk()
             for key, args, kwargs in records:

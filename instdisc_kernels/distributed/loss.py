@@ -22,6 +22,7 @@ from ..memory_bank import MemoryBank
 from ..ops import knn as _knn
 from ..ops.bank_update import bank_update_
 from ..ops.nce import draw_negatives, nce_loss
+from ..ops.nce_shared import draw_shared_negatives, shared_entries
 from ..ops.softmax import nonparametric_softmax_loss
 from . import _comm, _sharded
 
@@ -132,7 +133,13 @@ class DistributedInstDiscLoss(nn.Module):
     mode="replicated": every rank holds the whole N x D bank; rank 0's initial
     bank and Z are broadcast; each step every rank applies the update of the
     whole global batch in rank order (identical banks; the last occurrence of a
-    repeated index wins). Negatives are drawn per rank.
+    repeated index wins). Negatives are drawn per rank; with negatives="shared"
+    every rank draws the same K shared rows each step from ``shared_generator``
+    (seeded from rank 0's broadcast seed), so the global batch shares one
+    negative set (ops/nce_shared.py; explicit neg_indices are not accepted then).
+    Sharded, each shard scores the global batch against its own share of the K
+    rows as entries of the sharded NCE (Z and the InfoNCE log-sum-exp combined
+    by all_reduce, like the exact softmax), not as the fused GEMM kernel.
     mode="sharded": rank r holds rows [N*r//W, N*(r+1)//W); no rank holds the
     bank. Communication per step is O(B_global * D): features and indices are
     all_gathered, per-shard negative counts exchanged (all_to_all, B_global
@@ -147,9 +154,13 @@ class DistributedInstDiscLoss(nn.Module):
 
     def __init__(self, num_samples, dim=128, *, mode="replicated", num_negatives=4096, temperature=0.07,
                  momentum=0.5, z="first-batch", z_ema=0.99, proximal=0.0, bank_dtype=torch.float32,
-                 loss_type="nce", backend="auto", device=None, group=None, generator=None, validate=True):
+                 loss_type="nce", backend="auto", device=None, group=None, generator=None, validate=True,
+                 negatives="per-sample"):
         super().__init__()
         import torch.distributed as dist
+        if negatives not in ("per-sample", "shared"):
+            raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
+        self.negatives = negatives
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedInstDiscLoss needs torch.distributed.init_process_group() first")
         self.group = group
@@ -180,6 +191,8 @@ class DistributedInstDiscLoss(nn.Module):
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed((seed + 1 + self.rank) % 2**62)
         self.generator = generator
+        # negatives="shared": the same K rows on every rank, from one generator seeded alike everywhere
+        self.shared_generator = torch.Generator(device=self.device).manual_seed((seed + 1 + self.world_size) % 2**62)
 
         self.bounds = [N * r // W for r in range(W + 1)] if mode == "sharded" else [0, N]
         self.shard_range = (self.bounds[self.rank], self.bounds[self.rank + 1]) if mode == "sharded" else (0, N)
@@ -254,7 +267,8 @@ class DistributedInstDiscLoss(nn.Module):
             return z, neg_indices
         if neg_indices is None:
             neg_indices = draw_negatives(indices, self.num_samples, self.num_negatives, generator=self.generator)
-        idx = torch.cat([indices.view(-1, 1), neg_indices.long()], 1)
+        neg = neg_indices.long()
+        idx = torch.cat([indices.view(-1, 1), neg.expand(indices.shape[0], -1) if neg.dim() == 1 else neg], 1)
         acc = _sharded.acc_dtype(features.dtype)
         rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
         s = _sharded.entry_scores(features.detach().to(acc), self.memory, rows, idx.reshape(-1))
@@ -274,12 +288,15 @@ class DistributedInstDiscLoss(nn.Module):
                                                momentum=self.bank.momentum, update_memory=False,
                                                validate=False, backend=self.backend)
         else:
+            if self.negatives == "shared" and neg_indices is None:
+                neg_indices = draw_shared_negatives(indices, self.num_samples, self.num_negatives,
+                                                    generator=self.shared_generator)
             z, neg_indices = self._replicated_z(features, indices, neg_indices)
             local = nce_loss(features, mem, indices, num_negatives=self.num_negatives,
                              temperature=self.temperature, z=z, momentum=self.bank.momentum,
                              proximal=self.proximal, neg_indices=neg_indices, update_memory=False,
                              generator=self.generator, loss_type=self.loss_type, validate=False,
-                             backend=self.backend)
+                             backend=self.backend, negatives=self.negatives)
         total = (local.detach().to(torch.float64) * B).reshape(1)
         _comm.all_reduce_(total, "sum", self.group)
         scale = self.world_size * B / Bg
@@ -299,7 +316,11 @@ class DistributedInstDiscLoss(nn.Module):
             loss, grad = _sharded.exact_softmax(F, yg, mem, lo, temperature=self.temperature,
                                                 need_grad=any_grad, group=self.group)
         else:
-            if neg_indices is not None:
+            if self.negatives == "shared" and neg_indices is None:
+                K = self.num_negatives
+                rows, cols = shared_entries(draw_shared_negatives(yg, self.num_samples, K,
+                                                                  generator=self.shared_generator), F.shape[0], lo, hi)
+            elif neg_indices is not None:
                 neg_g = _comm.all_gather_rows(neg_indices.long(), sizes, self.group)
                 rows, cols = _sharded.negatives_from_matrix(neg_g, lo, hi)
                 K = neg_indices.shape[1]

@@ -172,7 +172,8 @@ def _z_tensor(z, device):
 # --------------------------------------------------------------------------- #
 def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07, z=None, momentum=0.5,
              proximal=0.0, neg_indices=None, update_memory=True, generator=None, loss_type="nce",
-             z_ema=None, validate=True, backend="auto", exclude_positive=False, noise_probs=None):
+             z_ema=None, validate=True, backend="auto", exclude_positive=False, noise_probs=None,
+             negatives="per-sample", precision="fp32", chunk_size=None):
     """Sampled-negative NCE loss of InstDisc (SPEC 1.1), fused with the bank update.
 
     Args:
@@ -197,6 +198,10 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         exclude_positive: never draw the positive as a negative.
         noise_probs: optional (N,) noise distribution (sums to 1) instead of uniform.
+        negatives: "per-sample" (K negatives per row, lemniscate's) or "shared" (one set of
+            K negatives for the whole batch, neg_indices 1-D (K,); the GEMM form of
+            ops/nce_shared.py, where exclude_positive masks instead of re-drawing).
+        precision, chunk_size: "shared" only: "fp32" | "bf16" GEMM operands, K columns per tile.
     Returns:
         0-dim loss tensor (float32; float64 for float64 features).
     """
@@ -211,7 +216,12 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
     _validate.check_nonneg_number(proximal, "proximal")
     if z_ema is not None and (isinstance(z_ema, bool) or not isinstance(z_ema, (int, float)) or not 0 < z_ema < 1):
         raise ValueError(f"z_ema must be in (0, 1) or None, got {z_ema!r}")
-    if neg_indices is not None:
+    if negatives not in ("per-sample", "shared"):
+        raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
+    if negatives == "shared" and neg_indices is not None:
+        from .nce_shared import check_shared_neg_indices
+        neg_indices = check_shared_neg_indices(neg_indices, features, N, validate)
+    elif neg_indices is not None:
         _validate.check_tensor("neg_indices", neg_indices)
         if neg_indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"neg_indices must be an integer (int64) tensor, got {neg_indices.dtype}")
@@ -238,6 +248,11 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
     if exclude_positive and N < 2:
         raise ValueError("exclude_positive needs a memory bank with at least 2 rows")
     z_state, z_in = _z_tensor(z, features.device)
+    if negatives == "shared":
+        from .nce_shared import shared_step
+        return shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negatives, temperature,
+                           momentum, proximal, update_memory, generator, loss_type, z_ema, backend,
+                           exclude_positive, noise_probs, precision, chunk_size)
     be = resolve_backend(backend, features.device)
 
     indices = indices.long().contiguous()
