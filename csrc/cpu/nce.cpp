@@ -2,7 +2,8 @@
 //   nce_forward         loss, dloss/dF and the Z used, in one pass over the gathered rows
 //                       (two when Z is estimated from the batch: a dot-only pre-pass first);
 //   nce_probs           P = exp(V[idx] . F / T) / Z           (lemniscate NCEAverage drop-in);
-//   nce_probs_backward  dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]].
+//   nce_probs_backward  dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]];
+//   nce_probs_loss      nce_probs plus NCECriterion's loss and dloss/dF on them, in one pass.
 // Contracts: instdisc_kernels/ops/nce.py and ops/nce_probs.py; schemas: csrc/instdisc.cpp.
 //
 // Layout of the work: at::parallel_for over batch rows; a batch row reads its K+1 bank rows
@@ -115,6 +116,23 @@ double log_z_estimate(const std::vector<double>& row_max, const std::vector<doub
   return std::log(static_cast<double>(N)) + M + std::log(total) - std::log(static_cast<double>(count));
 }
 
+// Calls run(acc_t(0)) with acc_t = double for a float64 accumulation dtype, else float.
+template <typename Run>
+void with_acc(at::ScalarType acc, Run&& run) {
+  if (acc == at::kDouble) {
+    run(double(0));
+  } else {
+    run(float(0));
+  }
+}
+
+// The loss from the per-row terms, summed serially (independent of the thread count).
+at::Tensor total_loss(const std::vector<double>& row_loss, const at::Tensor& features, at::ScalarType acc) {
+  double total = 0;
+  for (double l : row_loss) total += l;
+  return at::scalar_tensor(total, features.options().dtype(acc));
+}
+
 // --------------------------------------------------------------------------- //
 // nce_forward                                                                  //
 // --------------------------------------------------------------------------- //
@@ -127,10 +145,15 @@ struct NceArgs {
   const float* noise;       // (N) or nullptr: Pn = 1/N
   double T, proximal;
   int64_t loss_type;
+  const int64_t* idx_full = nullptr;  // (B, K+1) full index matrix (nce_probs_loss), else nullptr
 };
 
 // The K+1 bank indices of batch row b: y[b], then the negatives.
 void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
+  if (a.idx_full != nullptr) {
+    std::memcpy(out, a.idx_full + b * (a.K + 1), sizeof(int64_t) * (a.K + 1));
+    return;
+  }
   out[0] = a.y[b];
   if (a.neg != nullptr) {
     std::memcpy(out + 1, a.neg + b * a.K, sizeof(int64_t) * a.K);
@@ -178,10 +201,11 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
 }
 
 // lemniscate NCE: per batch row, the loss terms and g = dloss/dF[b]. scores: the pre-pass's dot
-// products, or nullptr to compute them here (fixed Z: a single pass).
+// products, or nullptr to compute them here (fixed Z: a single pass). probs: nullptr, or (B, K+1)
+// receiving P = exp(log P) (nce_probs_loss; the same arithmetic as nce_probs).
 template <typename bank_t, typename acc_t>
 void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z,
-              acc_t* grad, double* row_loss) {
+              acc_t* grad, double* row_loss, acc_t* probs = nullptr) {
   const int64_t K1 = a.K + 1, D = a.D;
   const acc_t invT = static_cast<acc_t>(1.0 / a.T);
   const acc_t lz = static_cast<acc_t>(log_z);
@@ -217,9 +241,11 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
             ln = lp - std::log(c);
             coef = -1;
           } else {
-            const acc_t r = c / std::exp(lp);
+            const acc_t e = std::exp(lp);
+            const acc_t r = c / e;
             ln = -std::log1p(r);
             coef = -r / (1 + r);
+            if (probs != nullptr) probs[b * K1 + k] = e;
           }
         } else {                         // negative: log(K Pn / (P + c)); coef = P / (P + c)
           if (lp > lim) {
@@ -239,8 +265,10 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
             }
             ln = 0;
             coef = P / (P + c);
+            if (probs != nullptr) probs[b * K1 + k] = P;
           }
         }
+        if (probs != nullptr && (lp > lim || (k == 0 && lp < -lim))) probs[b * K1 + k] = std::exp(lp);
         lsum += ln;
         axpy(g, coef, v, D);
       });
@@ -250,6 +278,28 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       row_loss[b] = -lsum / a.B;
     }
   });
+}
+
+// lemniscate NCE with Z fixed (z0 > 0 and no moving average: one pass) or estimated from this batch
+// (a dot-only pre-pass first; with z_ema > 0 averaged with z0). Returns the Z used.
+template <typename bank_t, typename acc_t>
+double nce_with_z(const NceArgs& a, const bank_t* mem, const acc_t* feat, double z0, double z_ema, acc_t* grad,
+                  double* row_loss, acc_t* probs) {
+  if (z0 > 0 && z_ema == 0) {
+    nce_pass<bank_t, acc_t>(a, mem, feat, nullptr, std::log(z0), grad, row_loss, probs);
+    return z0;
+  }
+  std::vector<acc_t> scores(static_cast<size_t>(a.B) * (a.K + 1));
+  std::vector<double> row_max(a.B), row_sum(a.B);
+  score_pass<bank_t, acc_t>(a, mem, feat, scores.data(), row_max, row_sum);
+  double log_z = log_z_estimate(row_max, row_sum, a.N, a.B * (a.K + 1));
+  double z_used = std::exp(log_z);
+  if (z0 > 0) {  // moving average of the stored Z and this batch's estimate
+    z_used = z_ema * z0 + (1 - z_ema) * z_used;
+    log_z = std::log(z_used);
+  }
+  nce_pass<bank_t, acc_t>(a, mem, feat, scores.data(), log_z, grad, row_loss, probs);
+  return z_used;
 }
 
 // InfoNCE: softmax cross-entropy over the K+1 logits, with an online max/sum per batch row, so one
@@ -382,35 +432,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
       acc_t* gp = grad.data_ptr<acc_t>();
       if (loss_type == 1) {
         infonce_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
-      } else if (z0 > 0 && z_ema == 0) {
-        nce_pass<bank_t, acc_t>(a, mp, fp, nullptr, std::log(z0), gp, row_loss.data());
       } else {
-        std::vector<acc_t> scores(static_cast<size_t>(B) * (K + 1));
-        std::vector<double> row_max(B), row_sum(B);
-        score_pass<bank_t, acc_t>(a, mp, fp, scores.data(), row_max, row_sum);
-        double log_z = log_z_estimate(row_max, row_sum, N, B * (K + 1));
-        if (z0 > 0) {  // moving average of the stored Z and this batch's estimate
-          z_used = z_ema * z0 + (1 - z_ema) * std::exp(log_z);
-          log_z = std::log(z_used);
-        } else {
-          z_used = std::exp(log_z);
-        }
-        nce_pass<bank_t, acc_t>(a, mp, fp, scores.data(), log_z, gp, row_loss.data());
+        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, z_ema, gp, row_loss.data(), nullptr);
       }
       if (proximal > 0) proximal_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
     };
-    if (acc == at::kDouble) {
-      run(double(0));
-    } else {
-      run(float(0));
-    }
+    with_acc(acc, run);
   });
-
-  double total = 0;
-  for (int64_t b = 0; b < B; ++b) total += row_loss[b];  // serial: independent of the thread count
-  auto loss = at::scalar_tensor(total, features.options().dtype(acc));
-  auto z_out = z_tensor(z_used, features);
-  return {loss, grad, z_out};
+  return {total_loss(row_loss, features, acc), grad, z_tensor(z_used, features)};
 }
 
 // --------------------------------------------------------------------------- //
@@ -548,12 +577,53 @@ at::Tensor nce_probs_backward_cpu(const at::Tensor& grad_probs, const at::Tensor
   return grad;
 }
 
+// nce_probs and, in the same pass over the gathered rows, lemniscate's NCECriterion on them (Pn = 1/N,
+// K = idx.size(1) - 1): its loss and dloss/dF, as nce_forward computes them. The drop-in NCEAverage
+// uses it when NCECriterion follows, so that its backward needs no second pass over the bank.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
+    const at::Tensor& features, const at::Tensor& memory, const at::Tensor& idx_in, const at::Tensor& z,
+    double temperature) {
+  check_bank_and_features(features, memory);
+  const int64_t B = features.size(0), D = features.size(1), N = memory.size(0);
+  check_temperature(temperature);
+  const double z0 = z_value(z);
+  auto idx = idx_in.contiguous();
+  check_idx_matrix(idx, B, N);
+  TORCH_CHECK_VALUE(idx.size(1) >= 2, "idx must have at least 2 columns (the positive and K >= 1 negatives), got ",
+                    idx.sizes());
+  const int64_t K = idx.size(1) - 1;
+
+  const auto acc = acc_dtype(features);
+  auto feat = features.to(acc).contiguous();
+  auto mem = row_major(memory);
+  auto probs = at::empty({B, K + 1}, features.options().dtype(acc));
+  auto grad = at::empty({B, D}, features.options().dtype(acc));
+  std::vector<double> row_loss(B, 0.0);
+  NceArgs a{B, D, N, K, mem.stride(0), nullptr, nullptr, 0, false, nullptr, temperature, 0.0, 0};
+  a.idx_full = idx.data_ptr<int64_t>();
+
+  double z_used = z0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mem.scalar_type(), "nce_probs_loss_cpu", [&] {
+    using bank_t = scalar_t;
+    auto run = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const bank_t* mp = mem.data_ptr<bank_t>();
+      const acc_t* fp = feat.data_ptr<acc_t>();
+      acc_t* gp = grad.data_ptr<acc_t>();
+      z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, 0.0, gp, row_loss.data(), probs.data_ptr<acc_t>());
+    };
+    with_acc(acc, run);
+  });
+  return {probs, total_loss(row_loss, features, acc), grad, z_tensor(z_used, features)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instdisc, CPU, m) {
   m.impl("nce_forward", &nce_forward_cpu);
   m.impl("nce_probs", &nce_probs_cpu);
   m.impl("nce_probs_backward", &nce_probs_backward_cpu);
+  m.impl("nce_probs_loss", &nce_probs_loss_cpu);
 }
 
 }  // namespace instdisc
