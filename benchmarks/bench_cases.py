@@ -25,7 +25,7 @@ LIB_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    op: str                 # "nce" | "softmax" | "knn" | "bank_update"
+    op: str                 # "nce" | "softmax" | "knn" | "bank_update" | "lemniscate_nce" | "lemniscate_linear"
     N: int                  # bank rows (kNN: train features)
     B: int = 256            # batch (kNN: queries)
     K: int = 0              # NCE negatives (kNN: neighbours k)
@@ -35,7 +35,8 @@ class Case:
 
     @property
     def id(self):
-        k = {"nce": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}"}.get(self.op, "")
+        k = {"nce": f"-K{self.K}", "lemniscate_nce": f"-K{self.K}",
+             "knn": f"-k{self.K}-C{self.classes}"}.get(self.op, "")
         b = "Q" if self.op == "knn" else "B"
         return f"N{self.N}-{b}{self.B}{k}-D{self.D}-{self.dtype}"
 
@@ -50,7 +51,7 @@ class Case:
     @property
     def scale(self):
         """The x axis of the speedup plot: K for NCE, N otherwise."""
-        return self.K if self.op == "nce" else self.N
+        return self.K if self.op in ("nce", "lemniscate_nce") else self.N
 
 
 def _nce(Ns, Bs, Ks, dts):
@@ -65,7 +66,17 @@ def _update(Ns, Bs, dts):
     return [Case("bank_update", N, B, 0, dt) for N, B, dt in itertools.product(Ns, Bs, dts)]
 
 
+def _dropins(N, B, K):
+    """The drop-in modules' training steps (fp32 banks, as lemniscate's)."""
+    return {"lemniscate_nce": [Case("lemniscate_nce", N, B, K)], "lemniscate_linear": [Case("lemniscate_linear", N, B)]}
+
+
 def _cases(device_type, size):
+    return {**_kernel_cases(device_type, size),
+            **(_dropins(3000, 8, 64) if size == "smoke" else _dropins(CIFAR_N, 128, 4096))}
+
+
+def _kernel_cases(device_type, size):
     both, fp32 = ("fp32", "bf16"), ("fp32",)
     if size == "smoke":
         return {
@@ -117,7 +128,12 @@ PRECISION_OPS = ("softmax",)
 
 
 def op_providers(op, device_type):
-    """providers(device_type), plus the bf16-precision fused providers of PRECISION_OPS."""
+    """providers(device_type), plus the bf16-precision fused providers of PRECISION_OPS; the drop-in
+    steps: eager (the original-style modules) and the drop-ins (LinearAverage has no backend choice)."""
+    if op == "lemniscate_nce":
+        return providers(device_type)[:-1]
+    if op == "lemniscate_linear":
+        return [EAGER, f"fused-{LIB_BACKENDS[device_type][-1]}"]
     ps = providers(device_type)
     if op in PRECISION_OPS:
         ps = ps[:-1] + [f"fused-{b}+bf16" for b in LIB_BACKENDS[device_type]] + ps[-1:]
@@ -138,10 +154,11 @@ def params(op, device_type, size):
 def bank_bytes(case):
     """Bytes of bank the op must read at least once (the fused floor, SPEC 4)."""
     es = torch.empty((), dtype=case.torch_dtype).element_size()
-    rows = {"nce": case.B * (case.K + 1), "softmax": case.N, "knn": case.N, "bank_update": case.B}[case.op]
+    rows = {"nce": case.B * (case.K + 1), "softmax": case.N, "knn": case.N, "bank_update": case.B,
+            "lemniscate_nce": case.B * (case.K + 1), "lemniscate_linear": case.N}[case.op]
     return rows * case.D * es
 
 
 def access(case):
     """Which bandwidth probe an op is compared with: random rows or a stream."""
-    return "gather" if case.op in ("nce", "bank_update") else "read"
+    return "gather" if case.op in ("nce", "bank_update", "lemniscate_nce") else "read"

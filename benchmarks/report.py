@@ -15,8 +15,11 @@ import json
 import os
 import sys
 
-OPS = ("nce", "softmax", "knn", "bank_update")
+OPS = ("nce", "softmax", "knn", "bank_update")                         # the plot's four panels
+TABLE_OPS = OPS + ("lemniscate_nce", "lemniscate_linear")              # plus the drop-in steps (tables only)
 OP_TITLE = {"nce": "NCE forward + backward + bank update", "softmax": "exact softmax loss + gradient + update",
+            "lemniscate_nce": "lemniscate drop-in step: NCEAverage + NCECriterion (original-style modules = eager)",
+            "lemniscate_linear": "lemniscate drop-in step: LinearAverage + CrossEntropyLoss (original-style = eager)",
             "knn": "weighted kNN (top-1/top-5 over all queries)", "bank_update": "bank update alone"}
 OP_X = {"nce": "K (negatives)", "softmax": "N (bank rows)", "knn": "N (train features)", "bank_update": "N (bank rows)"}
 
@@ -26,6 +29,9 @@ TARGETS = [
     ("NCE, N=1.28M, B=256, K=4096, fp32", "cpu", "nce", "N1281167-B256-K4096-D128-fp32", 3.0, 20.0),
     ("exact softmax, N=1.28M, B=256, fp32", "cpu", "softmax", "N1281167-B256-D128-fp32", 2.0, 50.0),
     ("kNN, 10k queries x 50k train, k=200", "cpu", "knn", "N50000-Q10000-k200-C10-D128-fp32", 3.0, None),
+    ("drop-in NCEAverage + NCECriterion, N=50k, B=128, K=4096", "cpu", "lemniscate_nce",
+     "N50000-B128-K4096-D128-fp32", 10.0, None),
+    ("drop-in LinearAverage, N=50k, B=128", "cpu", "lemniscate_linear", "N50000-B128-D128-fp32", 1.0, 1.0),
 ]
 
 HOW_TO = """\
@@ -59,7 +65,10 @@ before; CPU: peak RSS minus RSS before); *mem ratio* is eager peak / provider pe
 Providers: `eager` (lemniscate-style baseline, benchmarks/bench_baselines.py),
 `fused-<backend>` (this library, `validate=False`; `+bf16`: the softmax with
 `precision="bf16"`, bf16 products with fp32 accumulation, against the default fp32
-products), `compile` (torch.compile of the eager baseline). A provider missing from a table was skipped (the pytest output says why).
+products), `compile` (torch.compile of the eager baseline). The lemniscate_* ops compare
+lemniscate's own modules written out eagerly (`eager`, benchmarks/bench_lemniscate.py) with the
+drop-in modules of instdisc_kernels.lemniscate (`fused-<backend>`, input checks included) on a
+whole training step. A provider missing from a table was skipped (the pytest output says why).
 """
 
 
@@ -221,7 +230,7 @@ def render(runs):
                                  "quiet machine).") + "\n")
         for meta, rows in mine:
             parts += [header(meta), ""]
-            parts += [op_table(rows, op) for op in OPS if op_table(rows, op)]
+            parts += [op_table(rows, op) for op in TABLE_OPS if op_table(rows, op)]
     parts += ["## Performance targets\n", targets_table(runs),
               "## Backend choice for `auto` on CUDA (instdisc_kernels/_backend.py CUDA_PREFERENCE)\n",
               auto_choice(runs), "", HOW_TO]

@@ -20,3 +20,13 @@ def test_knn(benchmark, bench, case, provider):
 def test_bank_update(benchmark, bench, case, provider):
     """Memory-bank momentum update alone."""
     bench.run(benchmark, case, provider)
+
+
+def test_lemniscate_nce(benchmark, bench, case, provider):
+    """A lemniscate training step: NCEAverage + NCECriterion, backward (original-style modules vs drop-ins)."""
+    bench.run(benchmark, case, provider)
+
+
+def test_lemniscate_linear(benchmark, bench, case, provider):
+    """A lemniscate training step: LinearAverage + CrossEntropyLoss, backward (original vs drop-in)."""
+    bench.run(benchmark, case, provider)
