@@ -72,7 +72,7 @@ def _convert(obj, where):
         return _linear_average(obj, where)
     if isinstance(obj, _OriginalNCECriterion):
         return NCECriterion(_attr(obj, "nLem", where))
-    if isinstance(obj, dict) and not isinstance(obj, torch.Tensor):
+    if isinstance(obj, dict):
         for k in list(obj):
             obj[k] = _convert(obj[k], f"{where}[{k!r}]")
         return obj

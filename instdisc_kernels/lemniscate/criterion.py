@@ -32,7 +32,8 @@ def criterion_grad(p, num_samples, grad_loss):
     B, K = p.shape[0], p.shape[1] - 1
     c = K / num_samples + EPS
     scale = grad_loss.to(p.dtype) / B
-    g = (p + c).reciprocal_().mul_(scale)                                  # negatives: 1 / (P + c) / B
+    g = p + c
+    torch.div(scale, g, out=g)                                             # negatives: 1 / (P + c) / B
     p0 = p[:, 0]
     g[:, 0] = -(c / (p0 * (p0 + c))) * scale                              # positive: -(1/P0 - 1/(P0 + c)) / B
     return g

@@ -87,3 +87,12 @@ def nce_probs_loss(features, memory, idx, z, temperature, backend):
         return probs_loss_reference(features, memory, idx, z, temperature)
     return torch.ops.instdisc.nce_probs_loss(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(),
                                              float(temperature))
+
+
+if _backend.extension_loaded() and hasattr(torch.ops.instdisc, "nce_probs_loss"):
+    @torch.library.register_fake("instdisc::nce_probs_loss")
+    def _(features, memory, idx, z, temperature):
+        acc = _opmath(features.dtype)
+        B, K1 = idx.shape
+        return (features.new_empty((B, K1), dtype=acc), features.new_empty((), dtype=acc),
+                features.new_empty(features.shape, dtype=acc), features.new_empty((1,), dtype=torch.float32))
