@@ -154,6 +154,8 @@ def test_drop_in_whole_module_checkpoint_loads_with_default_torch_load(tmp_path,
     torch.save({"net": net.state_dict(), "lemniscate": mod, "acc": 12.5, "epoch": 2,
                 "optimizer": opt.state_dict()}, path)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    with open(path, "rb") as f:                        # named by the public path (as before the package)
+        assert f"instdisc_kernels.lemniscate\n{type(mod).__name__}".encode() in _pickle_bytes(f)
     ckpt = torch.load(path)                                              # weights_only=True
     back = ckpt["lemniscate"]
     assert type(back) is type(mod) and ckpt["epoch"] == 2
@@ -165,3 +167,9 @@ def test_drop_in_whole_module_checkpoint_loads_with_default_torch_load(tmp_path,
         (out.sum()).backward()                                          # the loaded module trains
         assert not torch.equal(back.memory[:3], mod.memory[:3])
     assert load_checkpoint(path)["lemniscate"].__class__ is type(mod)   # load_checkpoint reads it too
+
+
+def _pickle_bytes(f):
+    import zipfile
+    with zipfile.ZipFile(f) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))

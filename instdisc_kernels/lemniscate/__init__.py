@@ -17,8 +17,12 @@ from .criterion import NCECriterion
 from .linear_average import LinearAverage
 from .nce_average import NCEAverage
 
-# A module pickles as its class plus its __dict__ (plain Python values, dicts,
-# OrderedDicts, sets and tensors), all of which weights_only loading allows.
+# Pickles name the classes by this public path (as before they moved into the
+# package's files), and a module pickles as its class plus its __dict__ (plain
+# Python values, dicts, OrderedDicts, sets and tensors), all of which
+# weights_only loading allows once the class itself is allow-listed.
+for _cls in (NCEAverage, NCECriterion, LinearAverage):
+    _cls.__module__ = __name__
 torch.serialization.add_safe_globals([NCEAverage, NCECriterion, LinearAverage])
 
 __all__ = ["NCEAverage", "NCECriterion", "LinearAverage", "load_checkpoint"]
