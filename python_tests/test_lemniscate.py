@@ -185,3 +185,21 @@ def test_nce_probs_loss_opcheck():
     idx = torch.randint(0, 20, (3, 5))
     for z in (2.0, -1.0):
         torch.library.opcheck(torch.ops.instdisc.nce_probs_loss.default, (x, mem, idx, torch.tensor([z]), 0.5))
+
+
+@pytest.mark.skipif(not HAS_FUSED_OP, reason="extension built without instdisc::nce_probs_loss")
+@pytest.mark.parametrize("N,z", [(40, 3.0), (4000, 3.0), (40, -1.0)])     # row-order walk, row walk, Z estimate
+def test_nce_probs_loss_does_not_depend_on_the_thread_count(N, z):
+    mem = torch.nn.functional.normalize(torch.randn(N, 32), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(9, 32), dim=1)
+    idx = torch.randint(0, N, (9, 31))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(torch.ops.instdisc.nce_probs_loss(x, mem, idx, torch.tensor([z]), 0.2))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], o))

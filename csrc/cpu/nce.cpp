@@ -200,20 +200,71 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
   });
 }
 
+// The loss of one batch row's entries: the log terms summed; the negatives' terms
+// log(K Pn / (P + c)) = -log1p((P + eps) / (K Pn)) accumulated as a product of the (1 + x) in double
+// (one log per batch row instead of one per term), renormalised when it grows large.
+struct RowLoss {
+  double lsum = 0, prod = 1;
+  int64_t prod_exp = 0;
+  void mul(double f) {
+    prod *= f;
+    if (prod > 0x1p700 && prod <= std::numeric_limits<double>::max()) {
+      int e;
+      prod = std::frexp(prod, &e);
+      prod_exp += e;
+    }
+  }
+  double sum() const { return lsum - (std::log(prod) + prod_exp * 0.6931471805599453); }
+};
+
+// One entry of lemniscate NCE from lp = log P: adds its loss term to row, sets P and returns
+// coef = dloss/dP * P (times T*B). kp = K Pn, c = K Pn + eps; factor(P + eps) = 1 + (P + eps) / (K Pn).
+template <typename acc_t, typename Factor>
+inline acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& row, acc_t& P,
+                       Factor&& factor) {
+  P = std::exp(lp);
+  if (positive) {                    // log(P / (P + c)); coef = -c / (P + c)
+    if (lp > lim) return 0;
+    if (lp < -lim) {
+      row.lsum += lp - std::log(c);
+      return -1;
+    }
+    const acc_t r = c / P;
+    row.lsum += -std::log1p(r);
+    return -r / (1 + r);
+  }
+  if (lp > lim) {                    // negative: log(K Pn / (P + c)); coef = P / (P + c)
+    row.lsum += -(lp - std::log(kp));
+    return 1;
+  }
+  row.mul(factor(static_cast<double>(P) + kEps));
+  return P / (P + c);
+}
+
+// Constants of lemniscate NCE with uniform noise Pn = 1/N.
+template <typename acc_t>
+struct UniformNce {
+  acc_t invT, lz, kp, c, lim;
+  double inv_kp;
+  UniformNce(const NceArgs& a, double log_z)
+      : invT(static_cast<acc_t>(1.0 / a.T)), lz(static_cast<acc_t>(log_z)),
+        kp(static_cast<acc_t>(double(a.K) / double(a.N))), c(static_cast<acc_t>(double(a.K) / double(a.N) + kEps)),
+        lim(static_cast<acc_t>(kLogPLimit)), inv_kp(double(a.N) / double(a.K)) {}
+  acc_t entry(bool positive, acc_t s, RowLoss& row, acc_t& P) const {
+    const double ik = inv_kp;
+    return nce_entry(positive, s * invT - lz, kp, c, lim, row, P, [ik](double pe) { return 1.0 + pe * ik; });
+  }
+};
+
 // lemniscate NCE: per batch row, the loss terms and g = dloss/dF[b]. scores: the pre-pass's dot
 // products, or nullptr to compute them here (fixed Z: a single pass). probs: nullptr, or (B, K+1)
-// receiving P = exp(log P) (nce_probs_loss; the same arithmetic as nce_probs).
+// receiving P (nce_probs_loss).
 template <typename bank_t, typename acc_t>
 void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z,
               acc_t* grad, double* row_loss, acc_t* probs = nullptr) {
   const int64_t K1 = a.K + 1, D = a.D;
-  const acc_t invT = static_cast<acc_t>(1.0 / a.T);
-  const acc_t lz = static_cast<acc_t>(log_z);
+  const UniformNce<acc_t> u(a, log_z);
   const acc_t eps = static_cast<acc_t>(kEps);
-  const acc_t kp_uniform = static_cast<acc_t>(double(a.K) / double(a.N));
-  const acc_t c_uniform = static_cast<acc_t>(double(a.K) / double(a.N) + kEps);
-  const double inv_kp_uniform = double(a.N) / double(a.K);
-  const acc_t lim = static_cast<acc_t>(kLogPLimit);
   at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx(K1);
     std::vector<acc_t> buf(D);
@@ -222,60 +273,83 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       const acc_t* f = feat + b * D;
       acc_t* g = grad + b * D;
       std::fill(g, g + D, acc_t(0));
-      double lsum = 0, prod = 1;
-      int64_t prod_exp = 0;
+      RowLoss row;
       for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
         const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
-        acc_t kp = kp_uniform, c = c_uniform;
+        acc_t P, coef;
         if (a.noise != nullptr) {
-          kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
-          c = kp + eps;
+          const acc_t kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
+          coef = nce_entry(k == 0, s * u.invT - u.lz, kp, kp + eps, u.lim, row, P,
+                           [kp](double pe) { return 1.0 + pe / static_cast<double>(kp); });
+        } else {
+          coef = u.entry(k == 0, s, row, P);
         }
-        const acc_t lp = s * invT - lz;  // log P
-        acc_t ln, coef;                  // log term of the loss; dloss/dP * P (times T*B)
-        if (k == 0) {                    // positive: log(P / (P + c)); coef = -c / (P + c)
-          if (lp > lim) {
-            ln = 0;
-            coef = 0;
-          } else if (lp < -lim) {
-            ln = lp - std::log(c);
-            coef = -1;
-          } else {
-            const acc_t e = std::exp(lp);
-            const acc_t r = c / e;
-            ln = -std::log1p(r);
-            coef = -r / (1 + r);
-            if (probs != nullptr) probs[b * K1 + k] = e;
-          }
-        } else {                         // negative: log(K Pn / (P + c)); coef = P / (P + c)
-          if (lp > lim) {
-            ln = -(lp - std::log(kp));
-            coef = 1;
-          } else {
-            // log(K Pn / (P + c)) = -log1p((P + eps) / (K Pn)): accumulated as a product of the
-            // (1 + x) in double (one log per batch row instead of one per term), renormalised
-            // when it grows large.
-            const acc_t P = std::exp(lp);
-            const double pe = static_cast<double>(P) + kEps;
-            prod *= 1.0 + (a.noise != nullptr ? pe / static_cast<double>(kp) : pe * inv_kp_uniform);
-            if (prod > 0x1p700 && prod <= std::numeric_limits<double>::max()) {
-              int e;
-              prod = std::frexp(prod, &e);
-              prod_exp += e;
-            }
-            ln = 0;
-            coef = P / (P + c);
-            if (probs != nullptr) probs[b * K1 + k] = P;
-          }
-        }
-        if (probs != nullptr && (lp > lim || (k == 0 && lp < -lim))) probs[b * K1 + k] = std::exp(lp);
-        lsum += ln;
+        if (probs != nullptr) probs[b * K1 + k] = P;
         axpy(g, coef, v, D);
       });
-      lsum -= std::log(prod) + prod_exp * 0.6931471805599453;
       const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
       for (int64_t d = 0; d < D; ++d) g[d] *= scale;
-      row_loss[b] = -lsum / a.B;
+      row_loss[b] = -row.sum() / a.B;
+    }
+  });
+}
+
+// nce_pass for a full index matrix (a.idx_full), fixed Z and uniform noise, walking the bank in row
+// order: the B*(K+1) entries are counting-sorted by bank row and each row, read once, serves every
+// entry that names it (random gathers become a forward scan). The rows are split in kRowChunks fixed
+// ranges, each with its own gradient and loss partials, combined in chunk order: the result does not
+// depend on the thread count.
+constexpr int64_t kRowChunks = 32;
+
+template <typename bank_t, typename acc_t>
+void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, double log_z, acc_t* grad,
+                        double* row_loss, acc_t* probs) {
+  const int64_t B = a.B, D = a.D, N = a.N, K1 = a.K + 1, E = B * K1;
+  const int64_t* idx = a.idx_full;
+  std::vector<int64_t> start(N + 1, 0), order(E);
+  for (int64_t e = 0; e < E; ++e) ++start[idx[e] + 1];
+  for (int64_t n = 0; n < N; ++n) start[n + 1] += start[n];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < E; ++e) order[next[idx[e]]++] = e;
+  }
+  const int64_t C = std::min(kRowChunks, N);
+  std::vector<acc_t> g_part(static_cast<size_t>(C * B * D), acc_t(0));
+  std::vector<RowLoss> l_part(static_cast<size_t>(C * B));
+  const UniformNce<acc_t> u(a, log_z);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> buf(D);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* gc = g_part.data() + c * B * D;
+      RowLoss* lc = l_part.data() + c * B;
+      const int64_t n1 = N * (c + 1) / C;
+      for (int64_t n = N * c / C; n < n1; ++n) {
+        if (start[n] == start[n + 1]) continue;
+        if (n + 4 < N) rows::prefetch_row(mem + (n + 4) * a.row_stride, D * sizeof(bank_t));
+        const acc_t* v = as_acc<acc_t>(mem + n * a.row_stride, buf.data(), D);
+        for (int64_t j = start[n]; j < start[n + 1]; ++j) {
+          const int64_t e = order[j], b = e / K1;
+          acc_t P;
+          const acc_t coef = u.entry(e - b * K1 == 0, dot(v, feat + b * D, D), lc[b], P);
+          probs[e] = P;
+          axpy(gc + b * D, coef, v, D);
+        }
+      }
+    }
+  });
+  const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* g = grad + b * D;
+      double total = 0;
+      std::fill(g, g + D, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* gc = g_part.data() + (c * B + b) * D;
+        for (int64_t d = 0; d < D; ++d) g[d] += gc[d];
+        total += l_part[c * B + b].sum();
+      }
+      for (int64_t d = 0; d < D; ++d) g[d] *= scale;
+      row_loss[b] = -total / a.B;
     }
   });
 }
@@ -610,7 +684,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
       const bank_t* mp = mem.data_ptr<bank_t>();
       const acc_t* fp = feat.data_ptr<acc_t>();
       acc_t* gp = grad.data_ptr<acc_t>();
-      z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, 0.0, gp, row_loss.data(), probs.data_ptr<acc_t>());
+      acc_t* pp = probs.data_ptr<acc_t>();
+      if (z0 > 0 && 4 * B * (K + 1) >= N) {  // dense enough for the row-order walk to pay off
+        nce_pass_row_order<bank_t, acc_t>(a, mp, fp, std::log(z0), gp, row_loss.data(), pp);
+      } else {
+        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, 0.0, gp, row_loss.data(), pp);
+      }
     };
     with_acc(acc, run);
   });
