@@ -166,11 +166,15 @@ def test_nce_probs_loss_op_matches_float64_oracle(feat_dtype, bank_dtype, tol, B
     if B > 2:
         idx[1, 0] = idx[2, 0]                                              # repeated positive
     zt = torch.tensor([z])
-    P, loss, grad, z_out = torch.ops.instdisc.nce_probs_loss(x, mem, idx, zt, 0.1)
-    eP, eloss, egrad, ez = probs_mod.probs_loss_reference(x.double(), mem.double(), idx, zt.double(), 0.1)
+    P, loss, grad, gP, z_out = torch.ops.instdisc.nce_probs_loss(x, mem, idx, zt, 0.1)
+    eP, eloss, egrad, egP, ez = probs_mod.probs_loss_reference(x.double(), mem.double(), idx, zt.double(), 0.1)
     torch.testing.assert_close(P.double(), eP, rtol=tol, atol=1e-12)
     torch.testing.assert_close(loss.double(), eloss, rtol=tol, atol=1e-9)
     torch.testing.assert_close(grad.double(), egrad, rtol=10 * tol, atol=1e-9)
+    torch.testing.assert_close(gP.double(), egP, rtol=10 * tol, atol=1e-9)
+    Pg = eP.clone().requires_grad_()                                      # dloss/dP of NCECriterion
+    ref.nce_criterion(Pg, N).backward()
+    torch.testing.assert_close(egP, Pg.grad, rtol=1e-9, atol=1e-12)
     assert float(z_out) == pytest.approx(float(ez), rel=1e-5)
     # the probabilities of nce_probs (up to FMA contraction)
     torch.testing.assert_close(P, torch.ops.instdisc.nce_probs(x, mem, idx, zt, 0.1)[0], rtol=1e-6, atol=0)

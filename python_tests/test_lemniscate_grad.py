@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from instdisc_kernels import reference as ref
 from instdisc_kernels.lemniscate import LinearAverage, NCEAverage, NCECriterion
+from instdisc_kernels.lemniscate import criterion as criterion_mod
 from instdisc_kernels.ops import nce_probs as probs_mod
 
 N, D, K, T = 12, 100, 5, 0.5
@@ -82,7 +83,8 @@ def test_retain_graph_double_backward_updates_once_with_the_same_gradient(backen
     torch.testing.assert_close(lem.memory, _update(V0, y, x1), rtol=1e-12, atol=1e-12)   # one update
 
 
-def test_criterion_on_the_output_uses_the_forward_gradient_and_no_second_pass(monkeypatch):
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_criterion_on_the_output_uses_the_forward_gradient_and_no_second_pass(monkeypatch, scale):
     lem, crit = _module("cpu", torch.float32), NCECriterion(N)
     x1, _, y, idx = _views()
     V0 = lem.memory.clone()
@@ -90,12 +92,13 @@ def test_criterion_on_the_output_uses_the_forward_gradient_and_no_second_pass(mo
     loss = crit(lem(a, y, idx=idx), y)
 
     def no_second_pass(*args):
-        raise AssertionError("the backward read the bank again")
+        raise AssertionError("the backward recomputed what the forward pass had")
     monkeypatch.setattr(probs_mod, "nce_probs_backward", no_second_pass)
-    loss.backward()
+    monkeypatch.setattr(criterion_mod, "criterion_grad", no_second_pass)
+    (scale * loss).backward()
     P, g = _oracle_nce(x1, V0, idx, 2.0)
     torch.testing.assert_close(loss[0].double(), ref.nce_criterion(P, N), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.grad.double(), g, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.grad.double(), scale * g, rtol=1e-4, atol=1e-6)
 
 
 def test_other_uses_of_the_output_and_hooks_see_true_gradients():

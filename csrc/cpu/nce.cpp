@@ -256,15 +256,21 @@ struct UniformNce {
   }
 };
 
+// NCECriterion's dloss/dP of one entry, times B: positive -c / (P (P + c)), negative 1 / (P + c).
+template <typename acc_t>
+inline acc_t criterion_dp(bool positive, acc_t P, acc_t c) {
+  return positive ? -(c / (P * (P + c))) : acc_t(1) / (P + c);
+}
+
 // lemniscate NCE: per batch row, the loss terms and g = dloss/dF[b]. scores: the pre-pass's dot
-// products, or nullptr to compute them here (fixed Z: a single pass). probs: nullptr, or (B, K+1)
-// receiving P (nce_probs_loss).
+// products, or nullptr to compute them here (fixed Z: a single pass). probs, grad_probs: nullptr, or
+// (B, K+1) receiving P and dloss/dP (nce_probs_loss; uniform noise).
 template <typename bank_t, typename acc_t>
 void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z,
-              acc_t* grad, double* row_loss, acc_t* probs = nullptr) {
+              acc_t* grad, double* row_loss, acc_t* probs = nullptr, acc_t* grad_probs = nullptr) {
   const int64_t K1 = a.K + 1, D = a.D;
   const UniformNce<acc_t> u(a, log_z);
-  const acc_t eps = static_cast<acc_t>(kEps);
+  const acc_t eps = static_cast<acc_t>(kEps), inv_b = static_cast<acc_t>(1.0 / a.B);
   at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx(K1);
     std::vector<acc_t> buf(D);
@@ -285,6 +291,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
           coef = u.entry(k == 0, s, row, P);
         }
         if (probs != nullptr) probs[b * K1 + k] = P;
+        if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
         axpy(g, coef, v, D);
       });
       const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
@@ -303,7 +310,7 @@ constexpr int64_t kRowChunks = 32;
 
 template <typename bank_t, typename acc_t>
 void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, double log_z, acc_t* grad,
-                        double* row_loss, acc_t* probs) {
+                        double* row_loss, acc_t* probs, acc_t* grad_probs) {
   const int64_t B = a.B, D = a.D, N = a.N, K1 = a.K + 1, E = B * K1;
   const int64_t* idx = a.idx_full;
   std::vector<int64_t> start(N + 1, 0), order(E);
@@ -317,6 +324,7 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
   std::vector<acc_t> g_part(static_cast<size_t>(C * B * D), acc_t(0));
   std::vector<RowLoss> l_part(static_cast<size_t>(C * B));
   const UniformNce<acc_t> u(a, log_z);
+  const acc_t inv_b = static_cast<acc_t>(1.0 / a.B);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(D);
     for (int64_t c = c0; c < c1; ++c) {
@@ -330,8 +338,10 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
         for (int64_t j = start[n]; j < start[n + 1]; ++j) {
           const int64_t e = order[j], b = e / K1;
           acc_t P;
-          const acc_t coef = u.entry(e - b * K1 == 0, dot(v, feat + b * D, D), lc[b], P);
+          const bool positive = e - b * K1 == 0;
+          const acc_t coef = u.entry(positive, dot(v, feat + b * D, D), lc[b], P);
           probs[e] = P;
+          grad_probs[e] = criterion_dp(positive, P, u.c) * inv_b;
           axpy(gc + b * D, coef, v, D);
         }
       }
@@ -358,9 +368,9 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
 // (a dot-only pre-pass first; with z_ema > 0 averaged with z0). Returns the Z used.
 template <typename bank_t, typename acc_t>
 double nce_with_z(const NceArgs& a, const bank_t* mem, const acc_t* feat, double z0, double z_ema, acc_t* grad,
-                  double* row_loss, acc_t* probs) {
+                  double* row_loss, acc_t* probs, acc_t* grad_probs) {
   if (z0 > 0 && z_ema == 0) {
-    nce_pass<bank_t, acc_t>(a, mem, feat, nullptr, std::log(z0), grad, row_loss, probs);
+    nce_pass<bank_t, acc_t>(a, mem, feat, nullptr, std::log(z0), grad, row_loss, probs, grad_probs);
     return z0;
   }
   std::vector<acc_t> scores(static_cast<size_t>(a.B) * (a.K + 1));
@@ -372,7 +382,7 @@ double nce_with_z(const NceArgs& a, const bank_t* mem, const acc_t* feat, double
     z_used = z_ema * z0 + (1 - z_ema) * z_used;
     log_z = std::log(z_used);
   }
-  nce_pass<bank_t, acc_t>(a, mem, feat, scores.data(), log_z, grad, row_loss, probs);
+  nce_pass<bank_t, acc_t>(a, mem, feat, scores.data(), log_z, grad, row_loss, probs, grad_probs);
   return z_used;
 }
 
@@ -507,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
       if (loss_type == 1) {
         infonce_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
       } else {
-        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, z_ema, gp, row_loss.data(), nullptr);
+        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, z_ema, gp, row_loss.data(), nullptr, nullptr);
       }
       if (proximal > 0) proximal_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
     };
@@ -652,9 +662,9 @@ at::Tensor nce_probs_backward_cpu(const at::Tensor& grad_probs, const at::Tensor
 }
 
 // nce_probs and, in the same pass over the gathered rows, lemniscate's NCECriterion on them (Pn = 1/N,
-// K = idx.size(1) - 1): its loss and dloss/dF, as nce_forward computes them. The drop-in NCEAverage
+// K = idx.size(1) - 1): its loss, dloss/dF (as nce_forward computes them) and dloss/dP. The drop-in NCEAverage
 // uses it when NCECriterion follows, so that its backward needs no second pass over the bank.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
     const at::Tensor& features, const at::Tensor& memory, const at::Tensor& idx_in, const at::Tensor& z,
     double temperature) {
   check_bank_and_features(features, memory);
@@ -671,6 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
   auto feat = features.to(acc).contiguous();
   auto mem = row_major(memory);
   auto probs = at::empty({B, K + 1}, features.options().dtype(acc));
+  auto grad_probs = at::empty({B, K + 1}, features.options().dtype(acc));
   auto grad = at::empty({B, D}, features.options().dtype(acc));
   std::vector<double> row_loss(B, 0.0);
   NceArgs a{B, D, N, K, mem.stride(0), nullptr, nullptr, 0, false, nullptr, temperature, 0.0, 0};
@@ -685,15 +696,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
       const acc_t* fp = feat.data_ptr<acc_t>();
       acc_t* gp = grad.data_ptr<acc_t>();
       acc_t* pp = probs.data_ptr<acc_t>();
+      acc_t* gpp = grad_probs.data_ptr<acc_t>();
       if (z0 > 0 && 4 * B * (K + 1) >= N) {  // dense enough for the row-order walk to pay off
-        nce_pass_row_order<bank_t, acc_t>(a, mp, fp, std::log(z0), gp, row_loss.data(), pp);
+        nce_pass_row_order<bank_t, acc_t>(a, mp, fp, std::log(z0), gp, row_loss.data(), pp, gpp);
       } else {
-        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, 0.0, gp, row_loss.data(), pp);
+        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, 0.0, gp, row_loss.data(), pp, gpp);
       }
     };
     with_acc(acc, run);
   });
-  return {probs, total_loss(row_loss, features, acc), grad, z_tensor(z_used, features)};
+  return {probs, total_loss(row_loss, features, acc), grad, grad_probs, z_tensor(z_used, features)};
 }
 
 }  // namespace

@@ -4,8 +4,8 @@
 
 with Pn = 1/nLem, returned with the original's shape (1,). Applied directly to
 the output of the drop-in ``NCEAverage`` (same N) on a backend that fuses it,
-the loss is the one that forward already computed, and the gradient of x is
-taken from there too (see nce_average.py); otherwise it is computed here from P.
+the loss and dloss/dP are the ones that forward already computed, and so is the
+gradient of x (see nce_average.py); otherwise they are computed here from P.
 """
 from __future__ import annotations
 
@@ -42,18 +42,25 @@ def criterion_grad(p, num_samples, grad_loss):
 class _Criterion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, num_samples, node):
-        ctx.save_for_backward(p)
-        ctx.num_samples, ctx.node = num_samples, node
+        ctx.num_samples, ctx.node, ctx.p_dtype = num_samples, node, p.dtype
         if node is not None:
             return node.fused_loss.to(p.dtype).reshape(1)
+        ctx.save_for_backward(p)
         return criterion_loss(p, num_samples)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (p,) = ctx.saved_tensors
-        g = criterion_grad(p, ctx.num_samples, grad_loss)
-        if ctx.node is not None:       # lets NCEAverage's backward recognise this exact gradient
-            ctx.node.criterion_grad = (g, g._version, grad_loss)
+        node = ctx.node
+        if node is None:
+            (p,) = ctx.saved_tensors
+            return criterion_grad(p, ctx.num_samples, grad_loss), None, None
+        # dloss/dP from the forward pass (scaled unless grad_loss is 1, as after loss.backward());
+        # NCEAverage's backward recognises this exact tensor and uses its forward dloss/dx
+        g = node.fused_grad_probs
+        if not (grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
+            g = g * grad_loss.to(g.dtype)
+        g = g.to(ctx.p_dtype)
+        node.criterion_grad = (g, g._version, grad_loss)
         return g, None, None
 
 

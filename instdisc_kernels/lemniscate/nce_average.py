@@ -62,10 +62,10 @@ class _NCEFunction(torch.autograd.Function):
     def forward(ctx, x, y, memory, idx, params, backend, log, fused):
         _, T, Z, momentum = params.tolist()                    # one host read of [K, T, Z, m]
         xd = x.detach()
-        ctx.fused_loss = ctx.fused_grad = ctx.criterion_grad = None
+        ctx.fused_loss = ctx.fused_grad = ctx.fused_grad_probs = ctx.criterion_grad = None
         if fused:
-            probs, loss, grad, z_out = _probs.nce_probs_loss(xd, memory, idx, params[2], T, backend)
-            ctx.fused_loss, ctx.fused_grad = loss, grad
+            probs, loss, grad, grad_probs, z_out = _probs.nce_probs_loss(xd, memory, idx, params[2], T, backend)
+            ctx.fused_loss, ctx.fused_grad, ctx.fused_grad_probs = loss, grad, grad_probs
         else:
             probs, z_out = _probs.nce_probs(xd, memory, idx, params[2], T, backend)
         if Z < 0:

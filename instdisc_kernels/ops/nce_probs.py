@@ -7,7 +7,7 @@ torch.ops.instdisc.nce_probs / nce_probs_backward (C++), "triton" ->
 *_triton variants when ops/nce_triton.py defines them, "reference" -> eager.
 
 ``nce_probs_loss`` also returns lemniscate's NCECriterion on P (Pn = 1/N, K =
-idx.size(1) - 1): its loss and dloss/dF, from the same pass over the gathered
+idx.size(1) - 1): its loss, dloss/dF and dloss/dP, from the same pass over the gathered
 rows ("cpu": torch.ops.instdisc.nce_probs_loss; "reference": eager). The
 drop-in uses it when the criterion follows (``has_fused``).
 """
@@ -40,7 +40,8 @@ def probs_loss_reference(features, memory, idx, z, temperature):
     c = kpn + EPS
     loss = (torch.log1p(c / P[:, 0]).sum() + torch.log1p((P[:, 1:] + EPS) / kpn).sum()) / B
     coef = torch.cat([-c / (P[:, :1] + c), P[:, 1:] / (P[:, 1:] + c)], 1) / (B * temperature)
-    return P, loss, probs_backward_reference(coef, torch.ones_like(P), memory, idx, 1.0), z_out
+    grad_probs = torch.cat([-c / (P[:, :1] * (P[:, :1] + c)), 1 / (P[:, 1:] + c)], 1) / B
+    return P, loss, probs_backward_reference(coef, torch.ones_like(P), memory, idx, 1.0), grad_probs, z_out
 
 
 def probs_backward_reference(grad_probs, probs, memory, idx, temperature):
@@ -82,7 +83,7 @@ def has_fused(backend, device):
 
 
 def nce_probs_loss(features, memory, idx, z, temperature, backend):
-    """(P, loss, dloss/dF, Z used) of NCECriterion(P) with P = nce_probs(...)."""
+    """(P, loss, dloss/dF, dloss/dP, Z used) of NCECriterion(P) with P = nce_probs(...)."""
     if backend == "reference":
         return probs_loss_reference(features, memory, idx, z, temperature)
     return torch.ops.instdisc.nce_probs_loss(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(),
@@ -95,4 +96,5 @@ if _backend.extension_loaded() and hasattr(torch.ops.instdisc, "nce_probs_loss")
         acc = _opmath(features.dtype)
         B, K1 = idx.shape
         return (features.new_empty((B, K1), dtype=acc), features.new_empty((), dtype=acc),
-                features.new_empty(features.shape, dtype=acc), features.new_empty((1,), dtype=torch.float32))
+                features.new_empty(features.shape, dtype=acc), features.new_empty((B, K1), dtype=acc),
+                features.new_empty((1,), dtype=torch.float32))
