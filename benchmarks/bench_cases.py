@@ -31,6 +31,7 @@ PEERS = {"knn": ("faiss",), "knn_search": ("faiss",), "softmax": ("torch-lce",),
 @dataclasses.dataclass(frozen=True)
 class Case:
     op: str                 # "nce" | "nce_shared" | "softmax" | "knn" | "knn_search" | "bank_update"
+                            # | "lemniscate_nce" | "lemniscate_linear" (the drop-in modules' steps)
     N: int                  # bank rows (kNN: train features)
     B: int = 256            # batch (kNN: queries)
     K: int = 0              # NCE negatives (kNN: neighbours k)
@@ -41,7 +42,8 @@ class Case:
 
     @property
     def id(self):
-        k = {"nce": f"-K{self.K}", "nce_shared": f"-K{self.K}", "knn": f"-k{self.K}-C{self.classes}", "knn_search": f"-k{self.K}"}.get(self.op, "")
+        k = {"nce": f"-K{self.K}", "nce_shared": f"-K{self.K}", "lemniscate_nce": f"-K{self.K}",
+             "knn": f"-k{self.K}-C{self.classes}", "knn_search": f"-k{self.K}"}.get(self.op, "")
         b = "Q" if self.op in KNN_OPS else "B"
         data = "-clustered" if self.data == "clustered" else ""
         return f"N{self.N}-{b}{self.B}{k}-D{self.D}-{self.dtype}{data}"
@@ -57,7 +59,7 @@ class Case:
     @property
     def scale(self):
         """The x axis of the speedup plot: K for NCE, N otherwise."""
-        return self.K if self.op in ("nce", "nce_shared") else self.N
+        return self.K if self.op in ("nce", "nce_shared", "lemniscate_nce") else self.N
 
 
 def _nce(Ns, Bs, Ks, dts):
@@ -83,7 +85,17 @@ def _shared(size):
     return [Case("nce_shared", CIFAR_N, 256, K, "fp32") for K in (4096, 65536)]
 
 
+def _dropins(N, B, K):
+    """The drop-in modules' training steps (fp32 banks, as lemniscate's)."""
+    return {"lemniscate_nce": [Case("lemniscate_nce", N, B, K)], "lemniscate_linear": [Case("lemniscate_linear", N, B)]}
+
+
 def _cases(device_type, size):
+    return {**_kernel_cases(device_type, size),
+            **(_dropins(3000, 8, 64) if size == "smoke" else _dropins(CIFAR_N, 128, 4096))}
+
+
+def _kernel_cases(device_type, size):
     both, fp32 = ("fp32", "bf16"), ("fp32",)
     if size == "smoke":
         return {
@@ -155,7 +167,12 @@ PAGE_OPS = ("nce",)
 
 def op_providers(op, device_type):
     """providers(device_type), plus the bf16-precision fused providers of PRECISION_OPS and the
-    op's PEERS (before torch.compile; a search has no training-step baseline to compile)."""
+    op's PEERS (before torch.compile; a search has no training-step baseline to compile); the drop-in
+    steps: eager (the original-style modules) and the drop-ins (LinearAverage has no backend choice)."""
+    if op == "lemniscate_nce":
+        return providers(device_type)[:-1]
+    if op == "lemniscate_linear":
+        return [EAGER, f"fused-{LIB_BACKENDS[device_type][-1]}"]
     base = providers(device_type)
     eager, fused, comp = base[:1], base[1:-1], base[-1:]
     if op in PRECISION_OPS:
@@ -181,14 +198,15 @@ def params(op, device_type, size):
 def bank_bytes(case):
     """Bytes of bank the op must read at least once (the fused floor, SPEC 4)."""
     es = torch.empty((), dtype=case.torch_dtype).element_size()
-    rows = {"nce": case.B * (case.K + 1), "nce_shared": case.B + case.K, "softmax": case.N, "knn": case.N, "knn_search": case.N,
-            "bank_update": case.B}[case.op]
+    rows = {"nce": case.B * (case.K + 1), "nce_shared": case.B + case.K, "softmax": case.N, "knn": case.N,
+            "knn_search": case.N, "bank_update": case.B, "lemniscate_nce": case.B * (case.K + 1),
+            "lemniscate_linear": case.N}[case.op]
     return rows * case.D * es
 
 
 def access(case):
     """Which bandwidth probe an op is compared with: random rows or a stream."""
-    return "gather" if case.op in ("nce", "nce_shared", "bank_update") else "read"
+    return "gather" if case.op in ("nce", "nce_shared", "bank_update", "lemniscate_nce") else "read"
 
 
 def flops(case):

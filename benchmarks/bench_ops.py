@@ -14,9 +14,10 @@ import functools
 
 import torch
 
+import bench_lemniscate
+import bench_peers
 import instdisc_kernels as ik
 from instdisc_kernels import hugepages
-import bench_peers
 from bench_baselines import (bank_update_eager, knn_batch_scores_fn, knn_eager, nce_loss_fn,
                              nce_shared_step_eager, nce_step_eager, search_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
 from bench_cases import KNN_OPS, MOMENTUM, is_peer, split_provider
@@ -70,7 +71,7 @@ def inputs(case, device):
     g = {"memory": bank(case.N, case.D, case.torch_dtype, device)}
     g["x"] = _unit_rows(case.B, case.D, device).requires_grad_(case.op != "bank_update")
     g["y"] = torch.randperm(case.N, device=device)[:case.B]
-    if case.op in ("nce", "nce_shared"):   # a fixed Z, as lemniscate keeps after its first batch
+    if case.op in ("nce", "nce_shared", "lemniscate_nce"):   # a fixed Z, as lemniscate keeps after its first batch
         idx = torch.randint(0, case.N, (case.B, 64), device=device)
         s = torch.einsum("bkd,bd->bk", g["memory"][idx].float(), g["x"].detach())
         g["z"] = float(case.N * torch.exp(s / case.temperature).mean())
@@ -92,6 +93,10 @@ def tiny_call(op, backend, device):
         ik.nce_loss(x, mem, y, num_negatives=8, temperature=0.1, backend=backend, negatives="shared")
     elif op == "softmax":
         ik.nonparametric_softmax_loss(x, mem, y, temperature=0.1, backend=backend)
+    elif op == "lemniscate_nce":
+        ik.NCEAverage(D, N, 8, T=0.1, Z=1.0, backend=backend).to(device)(x, y)
+    elif op == "lemniscate_linear":
+        ik.LinearAverage(D, N).to(device)(x, y)
     elif op == "knn":
         ik.knn_predict(x, mem, torch.arange(N, device=device) % 3, k=5, temperature=0.1, backend=backend)
     elif op == "knn_search":
@@ -128,6 +133,8 @@ def step(case, provider, g, device):
     sync = _sync(device)
     T, m = case.temperature, MOMENTUM
     mem = g["memory"]
+    if case.op.startswith("lemniscate_"):
+        return bench_lemniscate.step(case, provider, g, m, sync)
     if provider == "eager":
         return _eager_step(case, g, sync)
     if provider == "compile":

@@ -15,8 +15,11 @@ import json
 import os
 import sys
 
-OPS = ("nce", "nce_shared", "softmax", "knn", "knn_search", "bank_update")
-OP_TITLE = {"nce": "NCE forward + backward + bank update",
+OPS = ("nce", "nce_shared", "softmax", "knn", "knn_search", "bank_update")   # the plot's panels
+TABLE_OPS = OPS + ("lemniscate_nce", "lemniscate_linear")                     # plus the drop-in steps (tables only)
+OP_TITLE = {"lemniscate_nce": "lemniscate drop-in step: NCEAverage + NCECriterion (original-style modules = eager)",
+            "lemniscate_linear": "lemniscate drop-in step: LinearAverage + CrossEntropyLoss (original-style = eager)",
+            "nce": "NCE forward + backward + bank update",
             "nce_shared": "NCE, K negatives shared by the batch: forward + backward + update", "softmax": "exact softmax loss + gradient + update",
             "knn": "weighted kNN (top-1/top-5 over all queries)", "knn_search": "exact top-k search alone",
             "bank_update": "bank update alone"}
@@ -68,6 +71,9 @@ TARGETS = [
     ("NCE, N=1.28M, B=256, K=4096, fp32", "cpu", "nce", "N1281167-B256-K4096-D128-fp32", 3.0, 20.0),
     ("exact softmax, N=1.28M, B=256, fp32", "cpu", "softmax", "N1281167-B256-D128-fp32", 2.0, 50.0),
     ("kNN, 10k queries x 50k train, k=200", "cpu", "knn", "N50000-Q10000-k200-C10-D128-fp32", 3.0, None),
+    ("drop-in NCEAverage + NCECriterion, N=50k, B=128, K=4096", "cpu", "lemniscate_nce",
+     "N50000-B128-K4096-D128-fp32", 10.0, None),
+    ("drop-in LinearAverage, N=50k, B=128", "cpu", "lemniscate_linear", "N50000-B128-D128-fp32", 1.0, 1.0),
 ]
 
 HOW_TO = """\
@@ -113,8 +119,11 @@ products), `faiss` (faiss-cpu `IndexFlatIP`, the add + search + the same vote; t
 alone for knn_search), `torch-lce` (`linear_cross_entropy` with `LinearCrossEntropyOptions()`,
 gradient to the features, the eager update), `embedding_bag` (the gather probe; see
 benchmarks/bench_peers.py), `torch-mm` (the shared-negative step's two products alone: torch.mm
-of the same shapes on ready inputs), `compile` (torch.compile of the eager baseline). A provider
-missing from a table was skipped (the pytest output says why).
+of the same shapes on ready inputs), `compile` (torch.compile of the eager baseline). The
+lemniscate_* ops compare lemniscate's own modules written out eagerly (`eager`,
+benchmarks/bench_lemniscate.py) with the drop-in modules of instdisc_kernels.lemniscate
+(`fused-<backend>`, input checks included) on a whole training step. A provider missing from
+a table was skipped (the pytest output says why).
 """
 
 
@@ -340,7 +349,7 @@ def render(runs):
                                  "quiet machine).") + "\n")
         for meta, rows in mine:
             parts += [header(meta), ""]
-            parts += [op_table(rows, op) for op in OPS if op_table(rows, op)]
+            parts += [op_table(rows, op) for op in TABLE_OPS if op_table(rows, op)]
     parts += ["## Performance targets\n", targets_table(runs),
               "### Against the peers (FAISS, PyTorch's linear_cross_entropy)\n", limit_targets_table(PEER_TARGETS, runs),
               "### Shared against per-sample negatives (same run)\n", cross_targets_table(runs),

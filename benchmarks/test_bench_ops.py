@@ -30,3 +30,13 @@ def test_bank_update(benchmark, bench, case, provider):
 def test_knn_search(benchmark, bench, case, provider):
     """Exact top-k inner-product search alone (knn_search; FAISS IndexFlatIP as the peer)."""
     bench.run(benchmark, case, provider)
+
+
+def test_lemniscate_nce(benchmark, bench, case, provider):
+    """A lemniscate training step: NCEAverage + NCECriterion, backward (original-style modules vs drop-ins)."""
+    bench.run(benchmark, case, provider)
+
+
+def test_lemniscate_linear(benchmark, bench, case, provider):
+    """A lemniscate training step: LinearAverage + CrossEntropyLoss, backward (original vs drop-in)."""
+    bench.run(benchmark, case, provider)

@@ -43,6 +43,10 @@ TORCH_LIBRARY(instdisc, m) {
         "-> (Tensor probs, Tensor z_out)");
   m.def("nce_probs_backward(Tensor grad_probs, Tensor probs, Tensor memory, Tensor idx, "
         "float temperature) -> Tensor");
+  // nce_probs plus lemniscate's NCECriterion on them (Pn = 1/N, K = idx.size(1) - 1) in the same
+  // pass: its loss, dloss/dF and dloss/dP (CPU only; the drop-in uses it when NCECriterion follows).
+  m.def("nce_probs_loss(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
+        "-> (Tensor probs, Tensor loss, Tensor grad_features, Tensor grad_probs, Tensor z_out)");
 
   // Weighted-kNN top-k (SPEC 1.3): the k most similar bank rows per query,
   // sorted by (similarity desc, index asc); similarities (Q, k) computed in

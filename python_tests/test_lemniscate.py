@@ -51,7 +51,8 @@ def test_nce_average_matches_lemniscate(backend, B, K, D):
     assert float(lem.params[2]) == pytest.approx(exp_z, rel=1e-5)       # Z estimated, stored
     assert torch.equal(lem.memory, mem0)                                 # no update before backward
     loss = crit(out, y)
-    torch.testing.assert_close(loss.double(), exp_loss, rtol=2e-5, atol=1e-6)
+    assert loss.shape == (1,)                                            # the original's shape
+    torch.testing.assert_close(loss[0].double(), exp_loss, rtol=2e-5, atol=1e-6)
     loss.backward()
     torch.testing.assert_close(x.grad.double(), exp_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(lem.memory.double(), exp_mem, rtol=1e-5, atol=1e-6)
@@ -145,3 +146,64 @@ def test_probs_backward_reference_matches_autograd():
     (P * g).sum().backward()
     P2, _ = probs_mod.probs_reference(x.detach(), mem, idx, torch.tensor([3.0]), 0.2)
     torch.testing.assert_close(probs_mod.probs_backward_reference(g, P2, mem, idx, 0.2), x.grad)
+
+
+HAS_FUSED_OP = ik._backend.has_kernel("nce_probs_loss", "CPU")
+
+
+@pytest.mark.skipif(not HAS_FUSED_OP, reason="extension built without instdisc::nce_probs_loss")
+@pytest.mark.parametrize("feat_dtype,bank_dtype,tol", [
+    (torch.float32, torch.float32, 2e-5), (torch.float64, torch.float64, 1e-10),
+    (torch.float32, torch.bfloat16, 2e-5), (torch.float64, torch.float32, 1e-10)])
+@pytest.mark.parametrize("B,K,D,z", [(1, 1, 100, 3.0), (5, 9, 100, -1.0), (6, 16, 128, 40.0)])
+def test_nce_probs_loss_op_matches_float64_oracle(feat_dtype, bank_dtype, tol, B, K, D, z):
+    torch.manual_seed(B * K)
+    N = 30
+    mem = torch.nn.functional.normalize(torch.randn(N, D), dim=1).to(bank_dtype)
+    x = torch.nn.functional.normalize(torch.randn(B, D), dim=1).to(feat_dtype)
+    idx = torch.randint(0, N, (B, K + 1))
+    idx[:, 0] = torch.randint(0, N, (B,))
+    if B > 2:
+        idx[1, 0] = idx[2, 0]                                              # repeated positive
+    zt = torch.tensor([z])
+    P, loss, grad, gP, z_out = torch.ops.instdisc.nce_probs_loss(x, mem, idx, zt, 0.1)
+    eP, eloss, egrad, egP, ez = probs_mod.probs_loss_reference(x.double(), mem.double(), idx, zt.double(), 0.1)
+    torch.testing.assert_close(P.double(), eP, rtol=tol, atol=1e-12)
+    torch.testing.assert_close(loss.double(), eloss, rtol=tol, atol=1e-9)
+    torch.testing.assert_close(grad.double(), egrad, rtol=10 * tol, atol=1e-9)
+    torch.testing.assert_close(gP.double(), egP, rtol=10 * tol, atol=1e-9)
+    Pg = eP.clone().requires_grad_()                                      # dloss/dP of NCECriterion
+    ref.nce_criterion(Pg, N).backward()
+    torch.testing.assert_close(egP, Pg.grad, rtol=1e-9, atol=1e-12)
+    assert float(z_out) == pytest.approx(float(ez), rel=1e-5)
+    # the probabilities of nce_probs (up to FMA contraction)
+    torch.testing.assert_close(P, torch.ops.instdisc.nce_probs(x, mem, idx, zt, 0.1)[0], rtol=1e-6, atol=0)
+    # NCECriterion's formula (reference.nce_criterion) on the oracle's P gives the oracle's loss
+    torch.testing.assert_close(ref.nce_criterion(eP, N), eloss, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not HAS_FUSED_OP, reason="extension built without instdisc::nce_probs_loss")
+def test_nce_probs_loss_opcheck():
+    mem = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    idx = torch.randint(0, 20, (3, 5))
+    for z in (2.0, -1.0):
+        torch.library.opcheck(torch.ops.instdisc.nce_probs_loss.default, (x, mem, idx, torch.tensor([z]), 0.5))
+
+
+@pytest.mark.skipif(not HAS_FUSED_OP, reason="extension built without instdisc::nce_probs_loss")
+@pytest.mark.parametrize("N,z", [(40, 3.0), (4000, 3.0), (40, -1.0)])     # row-order walk, row walk, Z estimate
+def test_nce_probs_loss_does_not_depend_on_the_thread_count(N, z):
+    mem = torch.nn.functional.normalize(torch.randn(N, 32), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(9, 32), dim=1)
+    idx = torch.randint(0, N, (9, 31))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(torch.ops.instdisc.nce_probs_loss(x, mem, idx, torch.tensor([z]), 0.2))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], o))

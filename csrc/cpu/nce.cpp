@@ -2,7 +2,8 @@
 //   nce_forward         loss, dloss/dF and the Z used, in one pass over the gathered rows
 //                       (two when Z is estimated from the batch: a dot-only pre-pass first);
 //   nce_probs           P = exp(V[idx] . F / T) / Z           (lemniscate NCEAverage drop-in);
-//   nce_probs_backward  dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]].
+//   nce_probs_backward  dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]];
+//   nce_probs_loss      nce_probs plus NCECriterion's loss and dloss/dF on them, in one pass.
 // Contracts: instdisc_kernels/ops/nce.py and ops/nce_probs.py; schemas: csrc/instdisc.cpp.
 //
 // Layout of the work: at::parallel_for over batch rows; a batch row reads its K+1 bank rows
@@ -115,6 +116,23 @@ double log_z_estimate(const std::vector<double>& row_max, const std::vector<doub
   return std::log(static_cast<double>(N)) + M + std::log(total) - std::log(static_cast<double>(count));
 }
 
+// Calls run(acc_t(0)) with acc_t = double for a float64 accumulation dtype, else float.
+template <typename Run>
+void with_acc(at::ScalarType acc, Run&& run) {
+  if (acc == at::kDouble) {
+    run(double(0));
+  } else {
+    run(float(0));
+  }
+}
+
+// The loss from the per-row terms, summed serially (independent of the thread count).
+at::Tensor total_loss(const std::vector<double>& row_loss, const at::Tensor& features, at::ScalarType acc) {
+  double total = 0;
+  for (double l : row_loss) total += l;
+  return at::scalar_tensor(total, features.options().dtype(acc));
+}
+
 // --------------------------------------------------------------------------- //
 // nce_forward                                                                  //
 // --------------------------------------------------------------------------- //
@@ -127,10 +145,15 @@ struct NceArgs {
   const float* noise;       // (N) or nullptr: Pn = 1/N
   double T, proximal;
   int64_t loss_type;
+  const int64_t* idx_full = nullptr;  // (B, K+1) full index matrix (nce_probs_loss), else nullptr
 };
 
 // The K+1 bank indices of batch row b: y[b], then the negatives.
 void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
+  if (a.idx_full != nullptr) {
+    std::memcpy(out, a.idx_full + b * (a.K + 1), sizeof(int64_t) * (a.K + 1));
+    return;
+  }
   out[0] = a.y[b];
   if (a.neg != nullptr) {
     std::memcpy(out + 1, a.neg + b * a.K, sizeof(int64_t) * a.K);
@@ -177,19 +200,77 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
   });
 }
 
+// The loss of one batch row's entries: the log terms summed; the negatives' terms
+// log(K Pn / (P + c)) = -log1p((P + eps) / (K Pn)) accumulated as a product of the (1 + x) in double
+// (one log per batch row instead of one per term), renormalised when it grows large.
+struct RowLoss {
+  double lsum = 0, prod = 1;
+  int64_t prod_exp = 0;
+  void mul(double f) {
+    prod *= f;
+    if (prod > 0x1p700 && prod <= std::numeric_limits<double>::max()) {
+      int e;
+      prod = std::frexp(prod, &e);
+      prod_exp += e;
+    }
+  }
+  double sum() const { return lsum - (std::log(prod) + prod_exp * 0.6931471805599453); }
+};
+
+// One entry of lemniscate NCE from lp = log P: adds its loss term to row, sets P and returns
+// coef = dloss/dP * P (times T*B). kp = K Pn, c = K Pn + eps; factor(P + eps) = 1 + (P + eps) / (K Pn).
+template <typename acc_t, typename Factor>
+inline acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& row, acc_t& P,
+                       Factor&& factor) {
+  P = std::exp(lp);
+  if (positive) {                    // log(P / (P + c)); coef = -c / (P + c)
+    if (lp > lim) return 0;
+    if (lp < -lim) {
+      row.lsum += lp - std::log(c);
+      return -1;
+    }
+    const acc_t r = c / P;
+    row.lsum += -std::log1p(r);
+    return -r / (1 + r);
+  }
+  if (lp > lim) {                    // negative: log(K Pn / (P + c)); coef = P / (P + c)
+    row.lsum += -(lp - std::log(kp));
+    return 1;
+  }
+  row.mul(factor(static_cast<double>(P) + kEps));
+  return P / (P + c);
+}
+
+// Constants of lemniscate NCE with uniform noise Pn = 1/N.
+template <typename acc_t>
+struct UniformNce {
+  acc_t invT, lz, kp, c, lim;
+  double inv_kp;
+  UniformNce(const NceArgs& a, double log_z)
+      : invT(static_cast<acc_t>(1.0 / a.T)), lz(static_cast<acc_t>(log_z)),
+        kp(static_cast<acc_t>(double(a.K) / double(a.N))), c(static_cast<acc_t>(double(a.K) / double(a.N) + kEps)),
+        lim(static_cast<acc_t>(kLogPLimit)), inv_kp(double(a.N) / double(a.K)) {}
+  acc_t entry(bool positive, acc_t s, RowLoss& row, acc_t& P) const {
+    const double ik = inv_kp;
+    return nce_entry(positive, s * invT - lz, kp, c, lim, row, P, [ik](double pe) { return 1.0 + pe * ik; });
+  }
+};
+
+// NCECriterion's dloss/dP of one entry, times B: positive -c / (P (P + c)), negative 1 / (P + c).
+template <typename acc_t>
+inline acc_t criterion_dp(bool positive, acc_t P, acc_t c) {
+  return positive ? -(c / (P * (P + c))) : acc_t(1) / (P + c);
+}
+
 // lemniscate NCE: per batch row, the loss terms and g = dloss/dF[b]. scores: the pre-pass's dot
-// products, or nullptr to compute them here (fixed Z: a single pass).
+// products, or nullptr to compute them here (fixed Z: a single pass). probs, grad_probs: nullptr, or
+// (B, K+1) receiving P and dloss/dP (nce_probs_loss; uniform noise).
 template <typename bank_t, typename acc_t>
 void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z,
-              acc_t* grad, double* row_loss) {
+              acc_t* grad, double* row_loss, acc_t* probs = nullptr, acc_t* grad_probs = nullptr) {
   const int64_t K1 = a.K + 1, D = a.D;
-  const acc_t invT = static_cast<acc_t>(1.0 / a.T);
-  const acc_t lz = static_cast<acc_t>(log_z);
-  const acc_t eps = static_cast<acc_t>(kEps);
-  const acc_t kp_uniform = static_cast<acc_t>(double(a.K) / double(a.N));
-  const acc_t c_uniform = static_cast<acc_t>(double(a.K) / double(a.N) + kEps);
-  const double inv_kp_uniform = double(a.N) / double(a.K);
-  const acc_t lim = static_cast<acc_t>(kLogPLimit);
+  const UniformNce<acc_t> u(a, log_z);
+  const acc_t eps = static_cast<acc_t>(kEps), inv_b = static_cast<acc_t>(1.0 / a.B);
   at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> idx(K1);
     std::vector<acc_t> buf(D);
@@ -198,58 +279,111 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       const acc_t* f = feat + b * D;
       acc_t* g = grad + b * D;
       std::fill(g, g + D, acc_t(0));
-      double lsum = 0, prod = 1;
-      int64_t prod_exp = 0;
+      RowLoss row;
       for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
         const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
-        acc_t kp = kp_uniform, c = c_uniform;
+        acc_t P, coef;
         if (a.noise != nullptr) {
-          kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
-          c = kp + eps;
+          const acc_t kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
+          coef = nce_entry(k == 0, s * u.invT - u.lz, kp, kp + eps, u.lim, row, P,
+                           [kp](double pe) { return 1.0 + pe / static_cast<double>(kp); });
+        } else {
+          coef = u.entry(k == 0, s, row, P);
         }
-        const acc_t lp = s * invT - lz;  // log P
-        acc_t ln, coef;                  // log term of the loss; dloss/dP * P (times T*B)
-        if (k == 0) {                    // positive: log(P / (P + c)); coef = -c / (P + c)
-          if (lp > lim) {
-            ln = 0;
-            coef = 0;
-          } else if (lp < -lim) {
-            ln = lp - std::log(c);
-            coef = -1;
-          } else {
-            const acc_t r = c / std::exp(lp);
-            ln = -std::log1p(r);
-            coef = -r / (1 + r);
-          }
-        } else {                         // negative: log(K Pn / (P + c)); coef = P / (P + c)
-          if (lp > lim) {
-            ln = -(lp - std::log(kp));
-            coef = 1;
-          } else {
-            // log(K Pn / (P + c)) = -log1p((P + eps) / (K Pn)): accumulated as a product of the
-            // (1 + x) in double (one log per batch row instead of one per term), renormalised
-            // when it grows large.
-            const acc_t P = std::exp(lp);
-            const double pe = static_cast<double>(P) + kEps;
-            prod *= 1.0 + (a.noise != nullptr ? pe / static_cast<double>(kp) : pe * inv_kp_uniform);
-            if (prod > 0x1p700 && prod <= std::numeric_limits<double>::max()) {
-              int e;
-              prod = std::frexp(prod, &e);
-              prod_exp += e;
-            }
-            ln = 0;
-            coef = P / (P + c);
-          }
-        }
-        lsum += ln;
+        if (probs != nullptr) probs[b * K1 + k] = P;
+        if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
         axpy(g, coef, v, D);
       });
-      lsum -= std::log(prod) + prod_exp * 0.6931471805599453;
       const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
       for (int64_t d = 0; d < D; ++d) g[d] *= scale;
-      row_loss[b] = -lsum / a.B;
+      row_loss[b] = -row.sum() / a.B;
     }
   });
+}
+
+// nce_pass for a full index matrix (a.idx_full), fixed Z and uniform noise, walking the bank in row
+// order: the B*(K+1) entries are counting-sorted by bank row and each row, read once, serves every
+// entry that names it (random gathers become a forward scan). The rows are split in kRowChunks fixed
+// ranges, each with its own gradient and loss partials, combined in chunk order: the result does not
+// depend on the thread count.
+constexpr int64_t kRowChunks = 32;
+
+template <typename bank_t, typename acc_t>
+void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, double log_z, acc_t* grad,
+                        double* row_loss, acc_t* probs, acc_t* grad_probs) {
+  const int64_t B = a.B, D = a.D, N = a.N, K1 = a.K + 1, E = B * K1;
+  const int64_t* idx = a.idx_full;
+  std::vector<int64_t> start(N + 1, 0), order(E);
+  for (int64_t e = 0; e < E; ++e) ++start[idx[e] + 1];
+  for (int64_t n = 0; n < N; ++n) start[n + 1] += start[n];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < E; ++e) order[next[idx[e]]++] = e;
+  }
+  const int64_t C = std::min(kRowChunks, N);
+  std::vector<acc_t> g_part(static_cast<size_t>(C * B * D), acc_t(0));
+  std::vector<RowLoss> l_part(static_cast<size_t>(C * B));
+  const UniformNce<acc_t> u(a, log_z);
+  const acc_t inv_b = static_cast<acc_t>(1.0 / a.B);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> buf(D);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* gc = g_part.data() + c * B * D;
+      RowLoss* lc = l_part.data() + c * B;
+      const int64_t n1 = N * (c + 1) / C;
+      for (int64_t n = N * c / C; n < n1; ++n) {
+        if (start[n] == start[n + 1]) continue;
+        if (n + 4 < N) rows::prefetch_row(mem + (n + 4) * a.row_stride, D * sizeof(bank_t));
+        const acc_t* v = as_acc<acc_t>(mem + n * a.row_stride, buf.data(), D);
+        for (int64_t j = start[n]; j < start[n + 1]; ++j) {
+          const int64_t e = order[j], b = e / K1;
+          acc_t P;
+          const bool positive = e - b * K1 == 0;
+          const acc_t coef = u.entry(positive, dot(v, feat + b * D, D), lc[b], P);
+          probs[e] = P;
+          grad_probs[e] = criterion_dp(positive, P, u.c) * inv_b;
+          axpy(gc + b * D, coef, v, D);
+        }
+      }
+    }
+  });
+  const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* g = grad + b * D;
+      double total = 0;
+      std::fill(g, g + D, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* gc = g_part.data() + (c * B + b) * D;
+        for (int64_t d = 0; d < D; ++d) g[d] += gc[d];
+        total += l_part[c * B + b].sum();
+      }
+      for (int64_t d = 0; d < D; ++d) g[d] *= scale;
+      row_loss[b] = -total / a.B;
+    }
+  });
+}
+
+// lemniscate NCE with Z fixed (z0 > 0 and no moving average: one pass) or estimated from this batch
+// (a dot-only pre-pass first; with z_ema > 0 averaged with z0). Returns the Z used.
+template <typename bank_t, typename acc_t>
+double nce_with_z(const NceArgs& a, const bank_t* mem, const acc_t* feat, double z0, double z_ema, acc_t* grad,
+                  double* row_loss, acc_t* probs, acc_t* grad_probs) {
+  if (z0 > 0 && z_ema == 0) {
+    nce_pass<bank_t, acc_t>(a, mem, feat, nullptr, std::log(z0), grad, row_loss, probs, grad_probs);
+    return z0;
+  }
+  std::vector<acc_t> scores(static_cast<size_t>(a.B) * (a.K + 1));
+  std::vector<double> row_max(a.B), row_sum(a.B);
+  score_pass<bank_t, acc_t>(a, mem, feat, scores.data(), row_max, row_sum);
+  double log_z = log_z_estimate(row_max, row_sum, a.N, a.B * (a.K + 1));
+  double z_used = std::exp(log_z);
+  if (z0 > 0) {  // moving average of the stored Z and this batch's estimate
+    z_used = z_ema * z0 + (1 - z_ema) * z_used;
+    log_z = std::log(z_used);
+  }
+  nce_pass<bank_t, acc_t>(a, mem, feat, scores.data(), log_z, grad, row_loss, probs, grad_probs);
+  return z_used;
 }
 
 // InfoNCE: softmax cross-entropy over the K+1 logits, with an online max/sum per batch row, so one
@@ -382,35 +516,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
       acc_t* gp = grad.data_ptr<acc_t>();
       if (loss_type == 1) {
         infonce_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
-      } else if (z0 > 0 && z_ema == 0) {
-        nce_pass<bank_t, acc_t>(a, mp, fp, nullptr, std::log(z0), gp, row_loss.data());
       } else {
-        std::vector<acc_t> scores(static_cast<size_t>(B) * (K + 1));
-        std::vector<double> row_max(B), row_sum(B);
-        score_pass<bank_t, acc_t>(a, mp, fp, scores.data(), row_max, row_sum);
-        double log_z = log_z_estimate(row_max, row_sum, N, B * (K + 1));
-        if (z0 > 0) {  // moving average of the stored Z and this batch's estimate
-          z_used = z_ema * z0 + (1 - z_ema) * std::exp(log_z);
-          log_z = std::log(z_used);
-        } else {
-          z_used = std::exp(log_z);
-        }
-        nce_pass<bank_t, acc_t>(a, mp, fp, scores.data(), log_z, gp, row_loss.data());
+        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, z_ema, gp, row_loss.data(), nullptr, nullptr);
       }
       if (proximal > 0) proximal_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
     };
-    if (acc == at::kDouble) {
-      run(double(0));
-    } else {
-      run(float(0));
-    }
+    with_acc(acc, run);
   });
-
-  double total = 0;
-  for (int64_t b = 0; b < B; ++b) total += row_loss[b];  // serial: independent of the thread count
-  auto loss = at::scalar_tensor(total, features.options().dtype(acc));
-  auto z_out = z_tensor(z_used, features);
-  return {loss, grad, z_out};
+  return {total_loss(row_loss, features, acc), grad, z_tensor(z_used, features)};
 }
 
 // --------------------------------------------------------------------------- //
@@ -548,12 +661,60 @@ at::Tensor nce_probs_backward_cpu(const at::Tensor& grad_probs, const at::Tensor
   return grad;
 }
 
+// nce_probs and, in the same pass over the gathered rows, lemniscate's NCECriterion on them (Pn = 1/N,
+// K = idx.size(1) - 1): its loss, dloss/dF (as nce_forward computes them) and dloss/dP. The drop-in NCEAverage
+// uses it when NCECriterion follows, so that its backward needs no second pass over the bank.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
+    const at::Tensor& features, const at::Tensor& memory, const at::Tensor& idx_in, const at::Tensor& z,
+    double temperature) {
+  check_bank_and_features(features, memory);
+  const int64_t B = features.size(0), D = features.size(1), N = memory.size(0);
+  check_temperature(temperature);
+  const double z0 = z_value(z);
+  auto idx = idx_in.contiguous();
+  check_idx_matrix(idx, B, N);
+  TORCH_CHECK_VALUE(idx.size(1) >= 2, "idx must have at least 2 columns (the positive and K >= 1 negatives), got ",
+                    idx.sizes());
+  const int64_t K = idx.size(1) - 1;
+
+  const auto acc = acc_dtype(features);
+  auto feat = features.to(acc).contiguous();
+  auto mem = row_major(memory);
+  auto probs = at::empty({B, K + 1}, features.options().dtype(acc));
+  auto grad_probs = at::empty({B, K + 1}, features.options().dtype(acc));
+  auto grad = at::empty({B, D}, features.options().dtype(acc));
+  std::vector<double> row_loss(B, 0.0);
+  NceArgs a{B, D, N, K, mem.stride(0), nullptr, nullptr, 0, false, nullptr, temperature, 0.0, 0};
+  a.idx_full = idx.data_ptr<int64_t>();
+
+  double z_used = z0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mem.scalar_type(), "nce_probs_loss_cpu", [&] {
+    using bank_t = scalar_t;
+    auto run = [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const bank_t* mp = mem.data_ptr<bank_t>();
+      const acc_t* fp = feat.data_ptr<acc_t>();
+      acc_t* gp = grad.data_ptr<acc_t>();
+      acc_t* pp = probs.data_ptr<acc_t>();
+      acc_t* gpp = grad_probs.data_ptr<acc_t>();
+      if (z0 > 0 && 4 * B * (K + 1) >= N) {  // dense enough for the row-order walk to pay off
+        nce_pass_row_order<bank_t, acc_t>(a, mp, fp, std::log(z0), gp, row_loss.data(), pp, gpp);
+      } else {
+        z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, 0.0, gp, row_loss.data(), pp, gpp);
+      }
+    };
+    with_acc(acc, run);
+  });
+  return {probs, total_loss(row_loss, features, acc), grad, grad_probs, z_tensor(z_used, features)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instdisc, CPU, m) {
   m.impl("nce_forward", &nce_forward_cpu);
   m.impl("nce_probs", &nce_probs_cpu);
   m.impl("nce_probs_backward", &nce_probs_backward_cpu);
+  m.impl("nce_probs_loss", &nce_probs_loss_cpu);
 }
 
 }  // namespace instdisc
