@@ -155,9 +155,17 @@ def nce_forward(features, memory, indices, neg_indices, *, temperature, z=0.0, l
 # Memory update                                                                #
 # --------------------------------------------------------------------------- #
 def updated_rows(features, memory, indices, momentum):
-    """normalize(m * V_old[y[b]] + (1-m) * F[b]) for every batch row, in float64."""
-    v = momentum * _f64(memory)[indices] + (1 - momentum) * _f64(features)
-    return v / v.pow(2).sum(1, keepdim=True).pow(0.5)
+    """normalize(m * V_old[y[b]] + (1-m) * F[b]) for every batch row, in float64.
+
+    The norm is taken after dividing by max |v| (no overflow or underflow of the
+    sum of squares). v = 0 (or non-finite) has no direction: the row keeps V_old[y[b]]."""
+    old = _f64(memory)[indices]
+    v = momentum * old + (1 - momentum) * _f64(features)
+    amax = v.abs().amax(1, keepdim=True)
+    ok = (amax > 0) & torch.isfinite(amax)
+    u = v / torch.where(ok, amax, torch.ones_like(amax))
+    u = u / u.pow(2).sum(1, keepdim=True).pow(0.5).clamp(min=1)
+    return torch.where(ok, u, old)
 
 
 def memory_update_(memory, indices, features, momentum):

@@ -41,15 +41,25 @@ bank_update_kernel(bank_t* __restrict__ mem, const int64_t* __restrict__ idx, co
   bank_t* dst = mem + row * D;  // int64 offsets
   const acc_t* f = feat + b * D;
   const acc_t one_m = acc_t(1) - m;
-  acc_t ss = 0;
+  // Scale-safe norm: divide by max |v| before the sum of squares (no overflow for |v| ~ 1e20,
+  // no underflow). v = 0 (no direction) or a non-finite v: the row keeps its old value.
+  acc_t amax = 0;
   for (int64_t d = lane; d < D; d += 32) {
     const acc_t v = m * static_cast<acc_t>(dst[d]) + one_m * f[d];
+    amax = fmax(amax, fabs(v));
+  }
+  amax = warp_max(amax);
+  if (!(amax > acc_t(0)) || !isfinite(amax)) return;  // warp-uniform
+  acc_t ss = 0;
+  for (int64_t d = lane; d < D; d += 32) {
+    const acc_t v = (m * static_cast<acc_t>(dst[d]) + one_m * f[d]) / amax;
     ss += v * v;
   }
   ss = warp_sum(ss);
+  if (!isfinite(ss)) return;  // a NaN that max() dropped
   const acc_t inv = acc_t(1) / sqrt(ss);
   for (int64_t d = lane; d < D; d += 32) {  // each lane rewrites only the elements it read
-    const acc_t v = m * static_cast<acc_t>(dst[d]) + one_m * f[d];
+    const acc_t v = (m * static_cast<acc_t>(dst[d]) + one_m * f[d]) / amax;
     dst[d] = static_cast<bank_t>(v * inv);
   }
 }

@@ -2,7 +2,8 @@
 
     V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b])
 
-computed in fp32 (fp64 for a float64 bank) and rounded once to the bank dtype
+computed in fp32 (fp64 for a float64 bank), scale-safe (divided by max |v| before
+the sum of squares; a row with v = 0 keeps its old value), rounded once to the bank dtype
 (round-to-nearest-even on a GPU; note that the Triton *interpreter* truncates
 fp32 -> bf16 casts, so on CPU tests a bf16 bank may differ by one bf16 ulp).
 
@@ -44,9 +45,14 @@ def _bank_update_kernel(mem_ptr, idx_ptr, feat_ptr, B, D, momentum,
     v_old = tl.load(row, mask=mask, other=0.0).to(ACC)
     f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=mask, other=0.0).to(ACC)
     v = momentum * v_old + (1.0 - momentum) * f
-    ss = tl.sum(v * v, axis=0)
-    inv = 1.0 / tl.sqrt(tl.where(is_last, ss, 1.0))      # rows that do not write: avoid 1/0
-    tl.store(row, (v * inv).to(mem_ptr.dtype.element_ty), mask=mask)
+    # scale-safe norm: divide by max |v| first (no overflow / underflow of the sum of squares)
+    amax = tl.max(tl.abs(v), axis=0)
+    ok = is_last & (amax > 0) & (amax - amax == 0)       # v = 0 or not finite: keep the old row
+    u = v / tl.where(ok, amax, 1.0)
+    ss = tl.sum(u * u, axis=0)
+    ok = ok & (ss - ss == 0)
+    inv = 1.0 / tl.sqrt(tl.where(ok, ss, 1.0))
+    tl.store(row, (u * inv).to(mem_ptr.dtype.element_ty), mask=mask & ok)
 
 
 def _launch_params(B, D):
