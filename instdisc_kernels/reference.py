@@ -44,9 +44,15 @@ def nce_scores(features, memory, idx):
     return torch.einsum("bkd,bd->bk", V, F)
 
 
+def log_estimate_z(scores, temperature, num_samples):
+    """log Z, Z = N * mean over all B*(K+1) entries of exp(s/T) (finite where Z overflows)."""
+    t = _f64(scores).reshape(-1) / temperature
+    return torch.logsumexp(t, 0) + math.log(num_samples / t.numel())
+
+
 def estimate_z(scores, temperature, num_samples):
     """Z = N * mean over all B*(K+1) entries of exp(s/T)."""
-    return num_samples * torch.exp(scores / temperature).mean()
+    return torch.exp(log_estimate_z(scores, temperature, num_samples))
 
 
 def ema_z(z_old, scores, temperature, num_samples, factor):

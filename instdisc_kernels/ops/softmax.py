@@ -271,8 +271,10 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
         raise ValueError("memory must be contiguous (it is updated in place)")
     be = resolve_backend(backend, features.device)
     indices = indices.long().contiguous()
-    loss, _ = _forward_op(be)(features.contiguous(), memory, indices, float(temperature), precision,
-                              int(chunk_size or 0))
+    loss, grad = _forward_op(be)(features.contiguous(), memory, indices, float(temperature), precision,
+                                 int(chunk_size or 0))
+    if validate:   # every bank row is read: a NaN/inf one makes loss or gradient non-finite
+        _validate.check_loss_result("nonparametric_softmax_loss", memory, loss, grad, temperature=temperature)
     if update_memory:
         _bank_update_mod.bank_update_(memory, indices, features.detach(), momentum,
                                       backend=_bank_backend(be, features.device), validate=False)
