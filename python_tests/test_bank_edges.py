@@ -130,3 +130,23 @@ def test_memory_bank_module_created_under_inference_mode():
     ref.memory_update_(want, torch.tensor([0, 5]), feats, 0.5)
     bank.update(torch.tensor([0, 5]), feats)
     torch.testing.assert_close(bank.memory, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_negatives", [0, 3])
+def test_instdisc_loss_created_under_inference_mode_trains(backend, num_negatives):
+    kw = dict(num_negatives=num_negatives, backend=backend, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        crit = ik.InstDiscLoss(12, 4, **kw)
+    normal = ik.InstDiscLoss(12, 4, **kw)
+    normal.generator = torch.Generator().manual_seed(1)
+    crit.generator = torch.Generator().manual_seed(1)
+    normal.memory.copy_(crit.memory)
+    f = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    y = torch.tensor([2, 5, 2])
+    for c in (crit, normal):
+        x = f.clone().requires_grad_()
+        c(x, y).backward()
+        assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(crit.memory, normal.memory, rtol=0, atol=0)
+    torch.testing.assert_close(crit.z, normal.z, rtol=0, atol=0)

@@ -271,7 +271,9 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         _validate.check_loss_result("nce_loss", memory, loss, grad, temperature=temperature,
                                     z=z_out if loss_type == "nce" else None, rows=(indices, neg_indices))
     if z_state is not None and loss_type == "nce":
-        with torch.no_grad():   # never store a Z float32 cannot hold (only reachable with validate=False)
+        # an inference-mode state tensor (InstDiscLoss built under torch.inference_mode()) is written like the bank
+        mode = torch.inference_mode() if not _validate._tracing() and z_state.is_inference() else torch.no_grad()
+        with mode:   # never store a Z float32 cannot hold (only reachable with validate=False)
             z_new = z_out.reshape(z_state.shape).to(z_state.dtype)
             z_state.copy_(torch.where(torch.isfinite(z_new) & (z_new > 0), z_new, z_state))
     if update_memory:
