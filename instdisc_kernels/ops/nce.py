@@ -200,7 +200,7 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         indices: (B,) int64 dataset indices (the positives).
         num_negatives: K, negatives per sample (ignored if ``neg_indices``).
         temperature: T.
-        z: normalisation constant. A float; a 1-element float tensor used as
+        z: normalisation constant (finite). A float; a 1-element float tensor used as
             state (a value <= 0 means "estimate from this batch and store it
             here"); or None (estimate from this batch, store nothing).
         momentum: bank momentum m.
@@ -210,7 +210,9 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         generator: torch.Generator for the negatives (reproducible runs).
         loss_type: "nce" (lemniscate, default) or "infonce" (softmax CE over K+1 logits).
         z_ema: moving-average factor for Z (e.g. 0.99) when ``z`` is a state tensor.
-        validate: check index ranges and NaN/inf (costs a GPU synchronisation);
+        validate: check index ranges and NaN/inf, and after the op (before Z or
+            the bank change) that loss, gradient and Z are finite: a NaN/inf bank
+            row is named, a Z float32 cannot hold is an error (costs a GPU synchronisation);
             shapes, dtypes and hyper-parameters are always checked.
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         exclude_positive: never draw the positive as a negative.

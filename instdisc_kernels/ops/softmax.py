@@ -251,7 +251,8 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
             updated in place after the loss has read it when ``update_memory``.
         indices: (B,) int64 dataset indices (the positives).
         temperature, momentum: T and m of SPEC 1.2/1.1.
-        validate: check index ranges and NaN/inf (a GPU synchronisation).
+        validate: check index ranges and NaN/inf, and that loss and gradient are finite
+            before the update (a NaN/inf bank row is named); a GPU synchronisation.
         backend: "auto" | "cpu" (chunked ATen) | "triton" | "reference" (eager B x N).
         precision: "fp32" or "bf16" chunk products (fp32 accumulation; bf16 error
             bound in the module docstring).
