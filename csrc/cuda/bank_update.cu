@@ -4,6 +4,7 @@
 // repeated index only the last occurrence in batch order writes its row, so
 // no two warps touch the same row and the result is what a sequential loop gives.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
@@ -93,6 +94,8 @@ void bank_update_cuda(at::Tensor memory, const at::Tensor& indices, const at::Te
   c10::cuda::CUDAGuard guard(memory.device());
   const bool dbl = memory.scalar_type() == at::kDouble;
   auto feat = features.to(dbl ? at::kDouble : at::kFloat).contiguous();
+  // features that are a view of the bank are read in full before any row is written
+  if (at::get_overlap_status(feat, memory) != at::MemOverlapStatus::No) feat = feat.clone();
   auto idx = indices.contiguous();
   at::Tensor sup;
   if (B > kScanMaxB) sup = superseded_rows(idx);

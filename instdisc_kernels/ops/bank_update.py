@@ -85,8 +85,10 @@ def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", val
     be = _backend.resolve(backend, memory.device, op="bank_update_", cpp_op="bank_update_", has_triton=_HAS_TRITON)
     features = features.detach()
     tracing = _validate._tracing()
-    if not tracing and features.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
-        features = features.clone()       # a view of the bank: read every row before any is written
+    # features that view the bank: the C++ ops copy them and "reference" reads every row before
+    # writing; the Triton programs would race, so they get a copy
+    if be == "triton" and not tracing and features.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
+        features = features.clone()
     # an inference tensor may only be written in inference mode; no autograd graph can hold one
     mode = torch.inference_mode() if not tracing and memory.is_inference() else torch.no_grad()
     with mode:
