@@ -119,16 +119,18 @@ def first_nonfinite_row(memory, rows=None):
 
 def check_loss_result(op, memory, loss, grad, *, temperature, z=None, rows=None):
     """After a loss op, before any state or bank row is written: the loss, its gradient
-    and the Z it used must be finite. Costs one reduction over the (B, D) gradient;
+    and the Z it used must be finite. Costs one sum over the (B, D) gradient;
     only the failing case looks further, to say why: a NaN/inf bank row the loss read
     (``rows``: the indices it read, None: every row), or a Z (or loss) that float32
     cannot hold at this temperature."""
     if _tracing():
         return
-    ok = torch.isfinite(grad).all() & torch.isfinite(loss)
-    if z is not None:
-        ok = ok & torch.isfinite(z).all() & (z > 0).all()
-    if bool(ok):
+    zv = None if z is None else float(z.detach().reshape(-1)[0])
+    z_ok = zv is None or (math.isfinite(zv) and zv > 0)
+    # one pass: a NaN/inf anywhere makes the sum non-finite (a sum that merely overflows is re-checked)
+    if z_ok and math.isfinite(float(grad.detach().sum() + loss.detach())):
+        return
+    if z_ok and bool(torch.isfinite(grad).all() & torch.isfinite(loss)):
         return
     cand = None if rows is None else torch.cat([r.reshape(-1) for r in rows if r is not None]).unique()
     row = first_nonfinite_row(memory, cand)
@@ -136,9 +138,9 @@ def check_loss_result(op, memory, loss, grad, *, temperature, z=None, rows=None)
         row = first_nonfinite_row(memory)
     if row is not None:
         raise ValueError(f"memory row {row} contains NaN or inf ({op} read it); the bank and Z are left unchanged")
-    if z is not None and not bool(torch.isfinite(z).all() & (z > 0).all()):
+    if not z_ok:
         raise ValueError(f"{op}: Z = N * mean(exp(s / temperature)) is not representable in float32 "
-                         f"(got {float(z.reshape(-1)[0])!r}): temperature={temperature!r} is too small for these "
+                         f"(got {zv!r}): temperature={temperature!r} is too small for these "
                          f"features (or their norm too large); the bank and Z are left unchanged")
     raise ValueError(f"{op}: the loss or its gradient is not finite: temperature={temperature!r} is too small "
                      f"for these features (or their norm too large); the bank is left unchanged")
