@@ -15,32 +15,26 @@
 namespace instdisc {
 namespace {
 
-// v / ||v||, scale-safe: the sum of squares is taken directly when it stays in the normal range
-// (|v| from ~1e-19 to ~1e19 in fp32), else after dividing by max |v| (no overflow for |v| ~ 1e20,
-// no underflow). Returns false when v has no direction (v = 0) or is not finite: the caller then
-// keeps the old row.
+// 1 / ||v|| given ss = sum v^2, scale-safe: ss is used as it is when it lies in the normal range
+// (|v| from ~1e-19 to ~1e19 in fp32: the plain loop, no extra pass), else v is first divided by
+// max |v| in place (no overflow for |v| ~ 1e20, no underflow). Returns 0 when v has no direction
+// (v = 0) or is not finite: the caller then keeps the old row.
 template <typename acc_t>
-bool normalize(acc_t* v, int64_t D) {
-  acc_t ss = 0;
-  for (int64_t d = 0; d < D; ++d) ss += v[d] * v[d];
+acc_t inv_norm(acc_t* v, int64_t D, acc_t ss) {
   constexpr acc_t kTiny = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
-  acc_t pre = 1;
-  if (!(ss >= kTiny && ss <= std::numeric_limits<acc_t>::max())) {  // also NaN
-    acc_t amax = 0;
-    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(v[d]));
-    if (!(amax > 0) || !std::isfinite(amax)) return false;
-    pre = acc_t(1) / amax;
-    if (!std::isfinite(pre)) pre = std::numeric_limits<acc_t>::max();  // amax subnormal
-    ss = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      v[d] *= pre;
-      ss += v[d] * v[d];
-    }
-    if (!(ss > 0) || !std::isfinite(ss)) return false;
+  if (ss >= kTiny && ss <= std::numeric_limits<acc_t>::max()) return acc_t(1) / std::sqrt(ss);  // not NaN
+  acc_t amax = 0;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(v[d]));
+  if (!(amax > 0) || !std::isfinite(amax)) return 0;
+  acc_t pre = acc_t(1) / amax;
+  if (!std::isfinite(pre)) pre = std::numeric_limits<acc_t>::max();  // amax subnormal
+  ss = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    v[d] *= pre;
+    ss += v[d] * v[d];
   }
-  const acc_t inv = acc_t(1) / std::sqrt(ss);
-  for (int64_t d = 0; d < D; ++d) v[d] *= inv;
-  return true;
+  if (!(ss > 0) || !std::isfinite(ss)) return 0;
+  return acc_t(1) / std::sqrt(ss);
 }
 
 template <typename bank_t, typename acc_t>
@@ -52,9 +46,14 @@ void update_rows(bank_t* mem, const int64_t* idx, const acc_t* feat, const std::
       const int64_t b = rows[r];
       bank_t* dst = mem + idx[b] * D;  // int64 offsets: N * D may exceed 2^31
       const acc_t* f = feat + b * D;
-      for (int64_t d = 0; d < D; ++d) v[d] = m * static_cast<acc_t>(dst[d]) + (acc_t(1) - m) * f[d];
-      if (!normalize(v.data(), D)) continue;  // v = 0: no direction, the row keeps its old value
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<bank_t>(v[d]);
+      acc_t ss = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        v[d] = m * static_cast<acc_t>(dst[d]) + (acc_t(1) - m) * f[d];
+        ss += v[d] * v[d];
+      }
+      const acc_t inv = inv_norm(v.data(), D, ss);
+      if (inv == 0) continue;  // v = 0: no direction, the row keeps its old value
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<bank_t>(v[d] * inv);
     }
   });
 }

@@ -17,14 +17,19 @@ from .. import _backend, _validate
 
 
 def normalize_rows(v, old):
-    """v / ||v|| per row, scale-safe: divided by max |v| first, so the sum of squares
-    neither overflows (|v| ~ 1e20 in fp32) nor underflows. A row with v = 0 (or a
-    non-finite v) has no direction: it keeps its old bank row ``old``."""
+    """v / ||v|| per row, scale-safe: where the sum of squares leaves the normal range
+    (overflow for |v| ~ 1e20 in fp32, underflow) v is divided by max |v| first. A row
+    with v = 0 (or a non-finite v) has no direction: it keeps its old bank row ``old``."""
+    info = torch.finfo(v.dtype)
+    ss = v.pow(2).sum(1, keepdim=True)
+    plain = (ss >= info.tiny / info.eps) & (ss <= info.max)          # the usual case: v / sqrt(ss)
     amax = v.abs().amax(1, keepdim=True)
     ok = (amax > 0) & torch.isfinite(amax)
     u = v / torch.where(ok, amax, torch.ones_like(amax))
     u = u / u.pow(2).sum(1, keepdim=True).sqrt().clamp(min=1)
-    return torch.where(ok, u, old.to(v.dtype))
+    ok = ok & torch.isfinite(u).all(1, keepdim=True)
+    return torch.where(plain, v / torch.where(plain, ss, torch.ones_like(ss)).sqrt(),
+                       torch.where(ok, u, old.to(v.dtype)))
 
 
 @torch.library.custom_op("instdisc::bank_update_reference_", mutates_args=("memory",))
