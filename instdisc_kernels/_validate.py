@@ -90,6 +90,62 @@ def check_nonneg_number(v, name):
         raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_z_number(z, name="z"):
+    """A float z of nce_loss: finite and representable in float32 (<= 0 means
+    "estimate Z from this batch", as documented there)."""
+    if not math.isfinite(z) or abs(z) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite float32 number (<= 0: estimate Z from the batch), got {z!r}")
+
+
+def check_z_tensor(z, name="z"):
+    """A 1-element Z state tensor: finite (a value <= 0 means "estimate it")."""
+    if _tracing():
+        return
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{name} holds {float(z.reshape(()))!r}: Z must be finite (<= 0: estimate it from the batch)")
+
+
+def first_nonfinite_row(memory, rows=None):
+    """The lowest bank row index (among ``rows``, default all) holding NaN or inf, or None."""
+    bad = ~torch.isfinite(memory if rows is None else memory[rows]).all(1)
+    if not bool(bad.any()):
+        return None
+    pos = int(bad.nonzero()[0, 0])
+    return pos if rows is None else int(rows[pos])
+
+
+def check_loss_result(op, memory, loss, grad, *, temperature, z=None, rows=None):
+    """After a loss op, before any state or bank row is written: the loss, its gradient
+    and the Z it used must be finite. Costs one sum over the (B, D) gradient;
+    only the failing case looks further, to say why: a NaN/inf bank row the loss read
+    (``rows``: the indices it read, None: every row), or a Z (or loss) that float32
+    cannot hold at this temperature."""
+    if _tracing():
+        return
+    zv = None if z is None else float(z.detach().reshape(-1)[0])
+    z_ok = zv is None or (math.isfinite(zv) and zv > 0)
+    # one pass: a NaN/inf anywhere makes the sum non-finite (a sum that merely overflows is re-checked)
+    if z_ok and math.isfinite(float(grad.detach().sum() + loss.detach())):
+        return
+    if z_ok and bool(torch.isfinite(grad).all() & torch.isfinite(loss)):
+        return
+    cand = None if rows is None else torch.cat([r.reshape(-1) for r in rows if r is not None]).unique()
+    row = first_nonfinite_row(memory, cand)
+    if row is None and cand is not None:
+        row = first_nonfinite_row(memory)
+    if row is not None:
+        raise ValueError(f"memory row {row} contains NaN or inf ({op} read it); the bank and Z are left unchanged")
+    if not z_ok:
+        raise ValueError(f"{op}: Z = N * mean(exp(s / temperature)) is not representable in float32 "
+                         f"(got {zv!r}): temperature={temperature!r} is too small for these "
+                         f"features (or their norm too large); the bank and Z are left unchanged")
+    raise ValueError(f"{op}: the loss or its gradient is not finite: temperature={temperature!r} is too small "
+                     f"for these features (or their norm too large); the bank is left unchanged")
+
+
 def check_features_memory_indices(features, memory, indices, *, values=True):
     """The common (features, memory, indices) triple of the loss ops."""
     check_float_matrix("memory", memory)

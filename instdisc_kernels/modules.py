@@ -43,6 +43,17 @@ class InstDiscLoss(nn.Module):
         self.generator = generator
         self.negatives = negatives
 
+    def _apply(self, fn, recurse=True):
+        # .half()/.double()/.to(dtype) would cast the Z state too: it stays float32 (moved, not cast)
+        z = self._buffers.pop("z")
+        try:
+            super()._apply(fn, recurse)
+            moved = fn(z)
+        finally:
+            self._buffers["z"] = z
+        self._buffers["z"] = moved if moved.dtype == torch.float32 else z.to(moved.device, torch.float32)
+        return self
+
     @property
     def memory(self):
         return self.bank.memory

@@ -44,9 +44,15 @@ def nce_scores(features, memory, idx):
     return torch.einsum("bkd,bd->bk", V, F)
 
 
+def log_estimate_z(scores, temperature, num_samples):
+    """log Z, Z = N * mean over all B*(K+1) entries of exp(s/T) (finite where Z overflows)."""
+    t = _f64(scores).reshape(-1) / temperature
+    return torch.logsumexp(t, 0) + math.log(num_samples / t.numel())
+
+
 def estimate_z(scores, temperature, num_samples):
     """Z = N * mean over all B*(K+1) entries of exp(s/T)."""
-    return num_samples * torch.exp(scores / temperature).mean()
+    return torch.exp(log_estimate_z(scores, temperature, num_samples))
 
 
 def ema_z(z_old, scores, temperature, num_samples, factor):
@@ -155,9 +161,17 @@ def nce_forward(features, memory, indices, neg_indices, *, temperature, z=0.0, l
 # Memory update                                                                #
 # --------------------------------------------------------------------------- #
 def updated_rows(features, memory, indices, momentum):
-    """normalize(m * V_old[y[b]] + (1-m) * F[b]) for every batch row, in float64."""
-    v = momentum * _f64(memory)[indices] + (1 - momentum) * _f64(features)
-    return v / v.pow(2).sum(1, keepdim=True).pow(0.5)
+    """normalize(m * V_old[y[b]] + (1-m) * F[b]) for every batch row, in float64.
+
+    The norm is taken after dividing by max |v| (no overflow or underflow of the
+    sum of squares). v = 0 (or non-finite) has no direction: the row keeps V_old[y[b]]."""
+    old = _f64(memory)[indices]
+    v = momentum * old + (1 - momentum) * _f64(features)
+    amax = v.abs().amax(1, keepdim=True)
+    ok = (amax > 0) & torch.isfinite(amax)
+    u = v / torch.where(ok, amax, torch.ones_like(amax))
+    u = u / u.pow(2).sum(1, keepdim=True).pow(0.5).clamp(min=1)
+    return torch.where(ok, u, old)
 
 
 def memory_update_(memory, indices, features, momentum):

@@ -85,7 +85,7 @@ double z_value(const at::Tensor& z) {
   TORCH_CHECK_VALUE(z.numel() == 1, "z must hold exactly one value, got shape ", z.sizes());
   TORCH_CHECK_TYPE(z.is_floating_point(), "z must be a floating tensor, got ", z.scalar_type());
   const double v = z.item<double>();
-  TORCH_CHECK_VALUE(!std::isnan(v), "z is NaN");
+  TORCH_CHECK_VALUE(std::isfinite(v), "z must be finite (<= 0: estimate Z from the batch), got ", v);
   return v;
 }
 
@@ -146,7 +146,30 @@ struct NceArgs {
   double T, proximal;
   int64_t loss_type;
   const int64_t* idx_full = nullptr;  // (B, K+1) full index matrix (nce_probs_loss), else nullptr
+  int64_t* bad = nullptr;             // (B) or nullptr: per batch row, the first bank row whose score is not finite, or -1
 };
+
+// A non-finite score s = V[r] . F[b] (F is finite): bank row r holds NaN/inf, or the dot overflows.
+template <typename acc_t>
+inline void flag_score(const NceArgs& a, int64_t b, int64_t row, acc_t s) {
+  if (a.bad != nullptr && !std::isfinite(s) && a.bad[b] < 0) a.bad[b] = row;
+}
+
+// Raised after a pass (outside the parallel region), before any output or state is written; free
+// unless a score was not finite.
+template <typename bank_t>
+void report_bad_rows(const NceArgs& a, const bank_t* mem) {
+  if (a.bad == nullptr) return;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t r = a.bad[b];
+    if (r < 0) continue;
+    bool finite = true;
+    for (int64_t d = 0; d < a.D; ++d) finite = finite && std::isfinite(static_cast<double>(mem[r * a.row_stride + d]));
+    // a finite row: the features are not finite (validate=False) or the dot overflows; the loss is
+    // then not finite either, which nce_loss reports (validate=True)
+    TORCH_CHECK_VALUE(finite, "memory row ", r, " contains NaN or inf (nce_loss read it); the bank and Z are left unchanged");
+  }
+}
 
 // The K+1 bank indices of batch row b: y[b], then the negatives.
 void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
@@ -190,6 +213,7 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
       acc_t m = -std::numeric_limits<acc_t>::infinity();
       for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
         s[k] = dot(v, f, D);
+        flag_score(a, b, idx[k], s[k]);
         m = std::max(m, s[k] * invT);
       });
       double sum = 0;
@@ -282,6 +306,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       RowLoss row;
       for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
         const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
+        flag_score(a, b, idx[k], s);
         acc_t P, coef;
         if (a.noise != nullptr) {
           const acc_t kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
@@ -376,12 +401,13 @@ double nce_with_z(const NceArgs& a, const bank_t* mem, const acc_t* feat, double
   std::vector<acc_t> scores(static_cast<size_t>(a.B) * (a.K + 1));
   std::vector<double> row_max(a.B), row_sum(a.B);
   score_pass<bank_t, acc_t>(a, mem, feat, scores.data(), row_max, row_sum);
+  report_bad_rows(a, mem);
   double log_z = log_z_estimate(row_max, row_sum, a.N, a.B * (a.K + 1));
-  double z_used = std::exp(log_z);
-  if (z0 > 0) {  // moving average of the stored Z and this batch's estimate
-    z_used = z_ema * z0 + (1 - z_ema) * z_used;
-    log_z = std::log(z_used);
+  if (z0 > 0) {  // moving average of the stored Z and this batch's estimate, in log space
+    const double x = std::log(z_ema * z0), y = std::log1p(-z_ema) + log_z;
+    log_z = std::max(x, y) + std::log1p(std::exp(-std::abs(x - y)));
   }
+  const double z_used = std::exp(log_z);  // z_out: inf (or 0) when float32 cannot hold it; nce_loss rejects that
   nce_pass<bank_t, acc_t>(a, mem, feat, scores.data(), log_z, grad, row_loss, probs, grad_probs);
   return z_used;
 }
@@ -402,7 +428,9 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
       acc_t t0 = 0, m = 0;
       double l = 1;
       for_each_row(mem, a.row_stride, idx.data(), K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
-        const acc_t t = dot(v, f, D) * invT;
+        const acc_t sk = dot(v, f, D);
+        flag_score(a, b, idx[k], sk);
+        const acc_t t = sk * invT;
         if (k == 0) {  // the positive starts the running max and sum
           t0 = m = t;
           std::copy(v, v + D, g);
@@ -501,10 +529,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
   auto mem = row_major(memory);
   auto grad = at::empty({B, D}, features.options().dtype(acc));
   std::vector<double> row_loss(B, 0.0);
+  std::vector<int64_t> bad(B, -1);
 
   NceArgs a{B, D, N, K, mem.stride(0), y.data_ptr<int64_t>(), neg.defined() ? neg.data_ptr<int64_t>() : nullptr,
             static_cast<uint64_t>(seed.item<int64_t>()), exclude_positive,
             noise.defined() ? noise.data_ptr<float>() : nullptr, temperature, proximal, loss_type};
+  a.bad = bad.data();
 
   double z_used = z0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mem.scalar_type(), "nce_forward_cpu", [&] {
@@ -519,6 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
       } else {
         z_used = nce_with_z<bank_t, acc_t>(a, mp, fp, z0, z_ema, gp, row_loss.data(), nullptr, nullptr);
       }
+      report_bad_rows(a, mp);
       if (proximal > 0) proximal_pass<bank_t, acc_t>(a, mp, fp, gp, row_loss.data());
     };
     with_acc(acc, run);

@@ -4,12 +4,15 @@
 // repeated index only the last occurrence in batch order writes its row, so
 // no two warps touch the same row and the result is what a sequential loop gives.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "cuda_utils.cuh"
 
@@ -41,15 +44,37 @@ bank_update_kernel(bank_t* __restrict__ mem, const int64_t* __restrict__ idx, co
   bank_t* dst = mem + row * D;  // int64 offsets
   const acc_t* f = feat + b * D;
   const acc_t one_m = acc_t(1) - m;
+  // Scale-safe norm: the plain sum of squares when it lies in the normal range; else v is divided by
+  // max |v| first (no overflow for |v| ~ 1e20, no underflow). v = 0 (no direction) or a non-finite v:
+  // the row keeps its old value.
   acc_t ss = 0;
   for (int64_t d = lane; d < D; d += 32) {
     const acc_t v = m * static_cast<acc_t>(dst[d]) + one_m * f[d];
     ss += v * v;
   }
   ss = warp_sum(ss);
+  constexpr acc_t kTiny = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
+  acc_t pre = 1;
+  if (!(ss >= kTiny && ss <= std::numeric_limits<acc_t>::max())) {  // warp-uniform; also NaN
+    acc_t amax = 0;
+    for (int64_t d = lane; d < D; d += 32)
+      amax = fmax(amax, fabs(m * static_cast<acc_t>(dst[d]) + one_m * f[d]));
+    amax = warp_max(amax);
+    if (!(amax > acc_t(0)) || !isfinite(amax)) return;
+    pre = acc_t(1) / amax;
+    if (!isfinite(pre)) pre = std::numeric_limits<acc_t>::max();  // amax subnormal
+    ss = 0;
+    for (int64_t d = lane; d < D; d += 32) {
+      const acc_t v = (m * static_cast<acc_t>(dst[d]) + one_m * f[d]) * pre;
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (!(ss > acc_t(0)) || !isfinite(ss)) return;  // a NaN that max() dropped
+  }
   const acc_t inv = acc_t(1) / sqrt(ss);
   for (int64_t d = lane; d < D; d += 32) {  // each lane rewrites only the elements it read
-    const acc_t v = m * static_cast<acc_t>(dst[d]) + one_m * f[d];
+    acc_t v = m * static_cast<acc_t>(dst[d]) + one_m * f[d];
+    if (pre != acc_t(1)) v *= pre;
     dst[d] = static_cast<bank_t>(v * inv);
   }
 }
@@ -83,6 +108,8 @@ void bank_update_cuda(at::Tensor memory, const at::Tensor& indices, const at::Te
   c10::cuda::CUDAGuard guard(memory.device());
   const bool dbl = memory.scalar_type() == at::kDouble;
   auto feat = features.to(dbl ? at::kDouble : at::kFloat).contiguous();
+  // features that are a view of the bank are read in full before any row is written
+  if (at::get_overlap_status(feat, memory) != at::MemOverlapStatus::No) feat = feat.clone();
   auto idx = indices.contiguous();
   at::Tensor sup;
   if (B > kScanMaxB) sup = superseded_rows(idx);

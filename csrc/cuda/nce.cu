@@ -46,7 +46,7 @@ struct RowArgs {
   const int64_t* idx = nullptr;    // (B, K+1) full index matrix (nce_probs ops)
   const int64_t* seed = nullptr;   // (1,) seed, read on the device
   const float* noise = nullptr;    // (N,) noise distribution or null (uniform)
-  const acc_t* zval = nullptr;     // (1,) Z used by kNce
+  const acc_t* zval = nullptr;     // (2,) Z and log Z used by kNce
   const float* z_in = nullptr;     // (1,) input z: decides whether kZSum runs
   const acc_t* coef_in = nullptr;  // (B, K+1) grad_probs * probs / T (kProbsBwd)
   acc_t* probs_out = nullptr;      // (B, K+1) exp(s / T) (kProbs)
@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
   const bool need_dot = mode != kProbsBwd;
   const bool need_grad = mode == kNce || mode == kInfoNce || mode == kProbsBwd;
   const uint64_t seed = (a.idx == nullptr && a.neg == nullptr) ? static_cast<uint64_t>(a.seed[0]) : 0;
-  const acc_t zinv = mode == kNce ? acc_t(1) / a.zval[0] : acc_t(1);
+  const acc_t log_z = mode == kNce ? a.zval[1] : acc_t(0);
+  constexpr acc_t kLim = 80;  // beyond |log P| > kLim the NCE terms take their asymptotic forms
 
   acc_t f[MAXCH][VEC], g[MAXCH][VEC];
 #pragma unroll
@@ -97,8 +98,9 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
       f[c][i] = (need_dot && d0 + i < D) ? a.feat[b * D + d0 + i] : acc_t(0);
     }
   }
-  // kZSum/kProbs: sum of exp(s/T); kNce: sum of loss terms; kInfoNce: running max, sum, s0/T.
-  acc_t st0 = mode == kInfoNce ? -INFINITY : acc_t(0), st1 = 0, st2 = 0;
+  // kZSum: running max of s/T and sum of exp(s/T - max) (log-space Z); kProbs: sum of exp(s/T);
+  // kNce: sum of loss terms; kInfoNce: running max, sum, s0/T.
+  acc_t st0 = (mode == kInfoNce || mode == kZSum) ? -INFINITY : acc_t(0), st1 = 0, st2 = 0;
 
   for (int64_t kt = k_begin; kt < k_end; kt += 32) {
     const int cnt = static_cast<int>(k_end - kt < 32 ? k_end - kt : 32);
@@ -151,20 +153,37 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
         const int64_t k = kt + j + u;
         acc_t coef = 0;
         if (mode == kZSum) {
-          st0 += exp(sc[u] * a.inv_t);
+          const acc_t x = sc[u] * a.inv_t;
+          if (x > st0) {
+            st1 = st1 * exp(st0 - x) + acc_t(1);
+            st0 = x;
+          } else {
+            st1 += exp(x - st0);
+          }
         } else if (mode == kProbs) {
           const acc_t e = exp(sc[u] * a.inv_t);
           st0 += e;
           if (lane == 0) a.probs_out[b * a.K1 + k] = e;
         } else if (mode == kNce) {
-          const acc_t P = exp(sc[u] * a.inv_t) * zinv;
+          const acc_t lp = sc[u] * a.inv_t - log_z;  // log P
+          const acc_t P = exp(lp < kLim ? lp : kLim);
           const acc_t cn = aux[u];                 // K * Pn
           const acc_t c = cn + acc_t(kEps);
-          if (k == 0) {
-            st0 += log1p(c / P);                   // -log(P / (P + c))
-            coef = -c / (P + c) * a.scale;
+          if (k == 0) {                            // -log(P / (P + c))
+            if (lp > kLim) {
+              coef = 0;
+            } else if (lp < -kLim) {
+              st0 += log(c) - lp;
+              coef = -a.scale;
+            } else {
+              st0 += log1p(c / P);
+              coef = -c / (P + c) * a.scale;
+            }
+          } else if (lp > kLim) {                  // -log(K Pn / (P + c))
+            st0 += lp - log(cn);
+            coef = a.scale;
           } else {
-            st0 += log((P + c) / cn);              // -log(K Pn / (P + c))
+            st0 += log((P + c) / cn);
             coef = P / (P + c) * a.scale;
           }
         } else if (mode == kInfoNce) {
@@ -298,6 +317,37 @@ __global__ void z_kernel(const acc_t* part_stat, int64_t W, const float* z_in, a
   }
 }
 
+// log Z for nce_forward: log z[0] when given; else (or with z_ema) log(N * mean(exp(s/T))) from
+// the kZSum (max, sum) partials, the EMA combined in log space. zval = (Z, log Z); z_out = Z in
+// float32 (inf or 0 when float32 cannot hold it: the Python layer rejects that before any write).
+template <typename acc_t>
+__global__ void log_z_kernel(const acc_t* part_stat, int64_t W, const float* z_in, acc_t z_ema, acc_t log_scale,
+                             acc_t* zval, float* z_out) {
+  __shared__ acc_t red[32];
+  const acc_t z = static_cast<acc_t>(z_in[0]);
+  acc_t lz = z > acc_t(0) ? log(z) : acc_t(0);
+  if (z <= acc_t(0) || z_ema > acc_t(0)) {  // block-uniform
+    acc_t M = -INFINITY;
+    for (int64_t i = 0; i < W; ++i) M = part_stat[i * 4] > M ? part_stat[i * 4] : M;
+    acc_t s = 0;
+    for (int64_t i = threadIdx.x; i < W; i += blockDim.x)
+      if (part_stat[i * 4 + 1] > acc_t(0)) s += part_stat[i * 4 + 1] * exp(part_stat[i * 4] - M);
+    s = block_sum(s, red);
+    const acc_t log_est = log(s) + M + log_scale;
+    if (z <= acc_t(0)) {
+      lz = log_est;
+    } else {
+      const acc_t x = log(z_ema) + lz, y = log1p(-z_ema) + log_est;
+      lz = (x > y ? x : y) + log1p(exp(-fabs(x - y)));
+    }
+  }
+  if (threadIdx.x == 0) {
+    zval[0] = exp(lz);
+    zval[1] = lz;
+    z_out[0] = static_cast<float>(exp(lz));
+  }
+}
+
 template <typename acc_t>
 __global__ void divide_kernel(acc_t* x, int64_t n, const acc_t* zval) {
   const acc_t z = zval[0];
@@ -402,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
   auto grad = at::empty({B, D}, feat.options());
   auto loss = at::empty({}, feat.options());
   auto row_loss = at::empty({B}, feat.options());
-  auto zbuf = at::empty({1}, feat.options());
+  auto zbuf = at::empty({2}, feat.options());
   at::Tensor z_out = loss_type == 0 ? at::empty({1}, z_in.options()) : z_in.clone();
 
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_forward_cuda", [&] {
@@ -431,9 +481,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
       if (loss_type == 0) {
         a.mode = kZSum;  // exits at once on the device when Z is given
         launch_rows<bank_t, acc_t>(a, mem, stream);
-        z_kernel<acc_t><<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, a.z_in, a.z_ema,
-                                               static_cast<acc_t>(N) / static_cast<acc_t>(B * K1), zbuf.data_ptr<acc_t>(),
-                                               z_out.data_ptr<float>());
+        log_z_kernel<acc_t><<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, a.z_in, a.z_ema,
+                                                   static_cast<acc_t>(std::log(static_cast<double>(N) / static_cast<double>(B * K1))),
+                                                   zbuf.data_ptr<acc_t>(), z_out.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         a.mode = kNce;
       } else {

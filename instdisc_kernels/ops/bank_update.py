@@ -16,13 +16,29 @@ import torch
 from .. import _backend, _validate
 
 
+def normalize_rows(v, old):
+    """v / ||v|| per row, scale-safe: where the sum of squares leaves the normal range
+    (overflow for |v| ~ 1e20 in fp32, underflow) v is divided by max |v| first. A row
+    with v = 0 (or a non-finite v) has no direction: it keeps its old bank row ``old``."""
+    info = torch.finfo(v.dtype)
+    ss = v.pow(2).sum(1, keepdim=True)
+    plain = (ss >= info.tiny / info.eps) & (ss <= info.max)          # the usual case: v / sqrt(ss)
+    amax = v.abs().amax(1, keepdim=True)
+    ok = (amax > 0) & torch.isfinite(amax)
+    u = v / torch.where(ok, amax, torch.ones_like(amax))
+    u = u / u.pow(2).sum(1, keepdim=True).sqrt().clamp(min=1)
+    ok = ok & torch.isfinite(u).all(1, keepdim=True)
+    return torch.where(plain, v / torch.where(plain, ss, torch.ones_like(ss)).sqrt(),
+                       torch.where(ok, u, old.to(v.dtype)))
+
+
 @torch.library.custom_op("instdisc::bank_update_reference_", mutates_args=("memory",))
 def bank_update_reference_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor,
                            momentum: float) -> None:
     acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
     B = indices.shape[0]
-    v = momentum * memory[indices].to(acc) + (1 - momentum) * features.to(acc)
-    v = v / v.pow(2).sum(1, keepdim=True).sqrt()
+    old = memory[indices]
+    v = normalize_rows(momentum * old.to(acc) + (1 - momentum) * features.to(acc), old)
     # Every duplicate writes the value of the last occurrence, so the result is
     # deterministic even where index_copy_ is not (CUDA).
     pos = torch.arange(B, device=indices.device)
@@ -61,6 +77,10 @@ def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", val
     """In-place momentum update of the memory bank rows ``indices`` with ``features``.
 
     Deterministic with repeated indices (the last occurrence in batch order wins).
+    Every written row is a finite unit row; where m V_old + (1 - m) F is exactly 0
+    (e.g. F = -V_old, or m = 0 and F = 0) there is no direction and the row keeps
+    its old value. ``features`` may be a view of ``memory`` (read before any write).
+    A bank created under torch.inference_mode() is updated like any other bank.
     ``validate`` checks index ranges and NaN/inf (a GPU synchronisation).
     """
     _validate.check_features_memory_indices(features, memory, indices, values=validate)
@@ -68,6 +88,14 @@ def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", val
     if not memory.is_contiguous():
         raise ValueError("memory must be contiguous (it is updated in place)")
     be = _backend.resolve(backend, memory.device, op="bank_update_", cpp_op="bank_update_", has_triton=_HAS_TRITON)
-    with torch.no_grad():
-        _op(be)(memory, indices.long().contiguous(), features.detach().contiguous(), float(momentum))
+    features = features.detach()
+    tracing = _validate._tracing()
+    # features that view the bank: the C++ ops copy them and "reference" reads every row before
+    # writing; the Triton programs would race, so they get a copy
+    if be == "triton" and not tracing and features.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
+        features = features.clone()
+    # an inference tensor may only be written in inference mode; no autograd graph can hold one
+    mode = torch.inference_mode() if not tracing and memory.is_inference() else torch.no_grad()
+    with mode:
+        _op(be)(memory, indices.long().contiguous(), features.contiguous(), float(momentum))
     return memory

@@ -2,7 +2,9 @@
 
     V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b])
 
-computed in fp32 (fp64 for a float64 bank) and rounded once to the bank dtype
+computed in fp32 (fp64 for a float64 bank), scale-safe (divided by max |v| first
+where the sum of squares would overflow or underflow; a row with v = 0 keeps its
+old value), rounded once to the bank dtype
 (round-to-nearest-even on a GPU; note that the Triton *interpreter* truncates
 fp32 -> bf16 casts, so on CPU tests a bf16 bank may differ by one bf16 ulp).
 
@@ -26,7 +28,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _bank_update_kernel(mem_ptr, idx_ptr, feat_ptr, B, D, momentum,
+def _bank_update_kernel(mem_ptr, idx_ptr, feat_ptr, B, D, momentum, tiny,
                         ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     b = tl.program_id(0)
     y = tl.load(idx_ptr + b)
@@ -44,9 +46,19 @@ def _bank_update_kernel(mem_ptr, idx_ptr, feat_ptr, B, D, momentum,
     v_old = tl.load(row, mask=mask, other=0.0).to(ACC)
     f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=mask, other=0.0).to(ACC)
     v = momentum * v_old + (1.0 - momentum) * f
+    # scale-safe norm: where the sum of squares leaves the normal range (overflow / underflow)
+    # v is divided by max |v| first; v = 0 or a non-finite v keeps the old row
     ss = tl.sum(v * v, axis=0)
-    inv = 1.0 / tl.sqrt(tl.where(is_last, ss, 1.0))      # rows that do not write: avoid 1/0
-    tl.store(row, (v * inv).to(mem_ptr.dtype.element_ty), mask=mask)
+    plain = (ss >= tiny) & (ss > 0) & (ss - ss == 0)      # (tiny is an fp32 argument: 0 for float64)
+    amax = tl.max(tl.abs(v), axis=0)
+    ok = (amax > 0) & (amax - amax == 0)
+    u = v / tl.where(ok, amax, 1.0)
+    su = tl.sum(u * u, axis=0)
+    ok = ok & (su - su == 0)
+    u = tl.where(plain, v, u)
+    inv = 1.0 / tl.sqrt(tl.where(plain, ss, tl.where(ok, su, 1.0)))
+    writes = (plain.to(tl.int32) + ok.to(tl.int32)) > 0
+    tl.store(row, (u * inv).to(mem_ptr.dtype.element_ty), mask=mask & writes)
 
 
 def _launch_params(B, D):
@@ -69,9 +81,11 @@ def bank_update_triton_(memory: torch.Tensor, indices: torch.Tensor, features: t
     if B == 0:
         return
     acc = tl.float64 if memory.dtype == torch.float64 else tl.float32
+    info = torch.finfo(torch.float64 if memory.dtype == torch.float64 else torch.float32)
     block_d, block_b, num_warps = _launch_params(B, D)
     _bank_update_kernel[(B,)](memory, indices.contiguous(), features.contiguous(), B, D, float(momentum),
-                              ACC=acc, BLOCK_D=block_d, BLOCK_B=block_b, num_warps=num_warps)
+                              info.tiny / info.eps, ACC=acc, BLOCK_D=block_d, BLOCK_B=block_b,
+                              num_warps=num_warps)
 
 
 @bank_update_triton_.register_fake

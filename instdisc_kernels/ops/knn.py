@@ -301,11 +301,21 @@ def search(queries, bank, k, *, backend="auto", chunk_size=DEFAULT_CHUNK, query_
     return knn_topk(queries, bank, k, chunk_size=chunk_size, query_batch=query_batch)
 
 
-def _num_classes(num_classes, *labels):
-    if num_classes is None:
-        return max(int(lab.max()) for lab in labels) + 1
-    _validate.check_positive_int(num_classes, "num_classes")
-    return num_classes
+# With num_classes=None the class count is inferred as max label + 1; beyond this
+# (and beyond the number of labels given) the labels are not dense class ids.
+MAX_INFERRED_CLASSES = 1 << 20
+
+
+def _num_classes(num_classes, **labels):
+    if num_classes is not None:
+        _validate.check_positive_int(num_classes, "num_classes")
+        return num_classes
+    name, top = max(((n, int(lab.max())) for n, lab in labels.items()), key=lambda t: t[1])
+    count = sum(lab.numel() for lab in labels.values())
+    if top + 1 > max(MAX_INFERRED_CLASSES, count):
+        raise ValueError(f"{name} contains the label {top}: with num_classes=None the scores get max label + 1 "
+                         f"= {top + 1} columns; labels must be class ids 0..C-1 (relabel them, or pass num_classes)")
+    return top + 1
 
 
 def _check_common(queries, bank, bank_labels, k, temperature, num_classes, validate, chunk_size, query_batch):
@@ -326,9 +336,16 @@ def _check_common(queries, bank, bank_labels, k, temperature, num_classes, valid
         _validate.check_finite("bank", bank)
 
 
-def _scores(vals, idx, bank_labels, temperature, num_classes):
+def _scores(vals, idx, bank_labels, temperature, num_classes, *, relative=False):
+    """Class scores from the sorted top-k: weights exp(sim / T), or with ``relative``
+    exp((sim - best sim) / T) (the same ranking, finite for any T: the best neighbour weighs 1)."""
+    w = torch.exp((vals - vals[:, :1]) / temperature if relative else vals / temperature)
+    if not relative and not _validate._tracing() and not bool(torch.isfinite(w).all() & (w[:, 0] > 0).all()):
+        raise ValueError(f"temperature={temperature!r} is too small: the kNN weights exp(similarity / temperature) "
+                         f"are not representable in {w.dtype} (max |similarity| = {float(vals.abs().max()):.4g}); "
+                         f"use a larger temperature (knn_accuracy weighs relative to the best neighbour and accepts it)")
     scores = torch.zeros(vals.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
-    scores.scatter_add_(1, bank_labels.long()[idx], torch.exp(vals / temperature))
+    scores.scatter_add_(1, bank_labels.long()[idx], w)
     return scores
 
 
@@ -338,12 +355,14 @@ def knn_predict(queries, bank, bank_labels, *, k=200, temperature=0.07, num_clas
     """Weighted kNN class scores (Q, C): sum over the top-k neighbours of exp(sim / temperature).
 
     queries (Q, D) and bank (N, D) float (unit rows: cosine similarity); bank_labels (N,)
-    integer in [0, num_classes) (num_classes None: max label + 1). Scores are float32
-    (float64 for float64 inputs). k > N is an error; similarity ties go to the lower
+    integer in [0, num_classes) (num_classes None: max label + 1, and then a label
+    beyond the number of labels and 2^20 is an error). Scores are float32
+    (float64 for float64 inputs); a temperature at which exp(sim / temperature)
+    overflows (or the best neighbour's weight underflows) is an error. k > N is an error; similarity ties go to the lower
     bank index.
     """
     _check_common(queries, bank, bank_labels, k, temperature, num_classes, validate, chunk_size, query_batch)
-    num_classes = _num_classes(num_classes, bank_labels)
+    num_classes = _num_classes(num_classes, bank_labels=bank_labels)
     if validate:
         _validate.check_index_range("bank_labels", bank_labels, num_classes)
     vals, idx = search(queries, bank, k, backend=backend, chunk_size=chunk_size, query_batch=query_batch)
@@ -356,6 +375,8 @@ def knn_accuracy(queries, query_labels, bank, bank_labels, *, k=200, temperature
                  query_batch=DEFAULT_QUERY_BATCH):
     """(top-1, top-5) weighted-kNN accuracy in percent (top-5 is top-C when C < 5).
 
+    The weights are exp((sim - best sim) / temperature) per query (the ranking of
+    knn_predict's scores, finite for any temperature).
     Class-score ties go to the lower class index. Queries are processed
     batch_size at a time (the (batch, C) scores are the only per-batch output).
     """
@@ -363,16 +384,16 @@ def knn_accuracy(queries, query_labels, bank, bank_labels, *, k=200, temperature
     _check_labels("query_labels", query_labels, queries.shape[0], None)
     _validate.check_same_device(queries=queries, query_labels=query_labels)
     _validate.check_positive_int(batch_size, "batch_size")
-    num_classes = _num_classes(num_classes, bank_labels, query_labels)
+    num_classes = _num_classes(num_classes, bank_labels=bank_labels, query_labels=query_labels)
     if validate:
         _validate.check_index_range("bank_labels", bank_labels, num_classes)
         _validate.check_index_range("query_labels", query_labels, num_classes)
     top1 = top5 = 0
     k5 = min(5, num_classes)
     for s in range(0, queries.shape[0], batch_size):
-        sc = knn_predict(queries[s:s + batch_size], bank, bank_labels, k=k, temperature=temperature,
-                         num_classes=num_classes, validate=False, backend=backend, chunk_size=chunk_size,
-                         query_batch=query_batch)
+        vals, idx = search(queries[s:s + batch_size], bank, k, backend=backend, chunk_size=chunk_size,
+                           query_batch=query_batch)
+        sc = _scores(vals, idx, bank_labels, temperature, num_classes, relative=True)
         order = torch.sort(sc, dim=1, descending=True, stable=True).indices[:, :k5]
         lab = query_labels[s:s + batch_size].long().view(-1, 1)
         top1 += int((order[:, :1] == lab).sum())

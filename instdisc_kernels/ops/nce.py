@@ -13,7 +13,14 @@ Op contract, shared by every backend (schema in csrc/instdisc.cpp)::
   backward only scales it by grad_output.
 * Z: if z[0] <= 0, Z = N * mean(exp(s/T)) over this batch's B*(K+1) scores;
   elif z_ema > 0, Z = z_ema * z[0] + (1 - z_ema) * that estimate; else Z = z[0].
-  The loss uses that Z; z_out holds it. Z is a constant for the gradient.
+  Every backend forms it in log space (log-sum-exp of s/T, the EMA as a
+  log-add-exp) and works with log P = s/T - log Z, so nothing overflows.
+  The loss uses that Z; z_out holds it (inf, or 0, when float32 cannot:
+  nce_loss then raises before any state or bank row is written). Z is a
+  constant for the gradient.
+* A NaN/inf bank row that the op reads makes its loss or gradient non-finite
+  (the cpu kernel raises a ValueError naming the row itself); nce_loss checks
+  the outputs and names the row before the update.
 * neg_indices None: negatives drawn uniformly with replacement from [0, N)
   (from [0, N) minus the positive when exclude_positive) with Philox(seed).
 * noise_probs: Pn per index (defaults to 1/N) in the NCE terms.
@@ -25,6 +32,8 @@ Implementations: "cpu"/"cuda" -> torch.ops.instdisc.nce_forward (C++),
 "reference" -> torch.ops.instdisc.nce_forward_reference (eager, below).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -66,24 +75,30 @@ def nce_forward_reference(
         w = torch.softmax(logits, 1)
         w[:, 0] -= 1
         coef = w / (B * T)
-    else:                                                              # lemniscate NCE
-        e = torch.exp(s / T)
-        est = N * e.mean()
+    else:                                                              # lemniscate NCE, in log space
+        t = s / T
+        log_est = torch.logsumexp(t.reshape(-1), 0) + math.log(N / t.numel())     # log(N * mean exp(t))
         zc = z_out[0].to(acc)
-        Z = torch.where(zc <= 0, est, z_ema * zc + (1 - z_ema) * est if z_ema > 0 else zc)
-        z_out = Z.to(torch.float32).reshape(1)
-        P = e / Z
-        if noise_probs is None:
-            c = torch.full_like(P, K / N + EPS)
+        if z_ema > 0:                                                  # log(a z + (1 - a) est)
+            log_ema = torch.logaddexp(torch.log(z_ema * zc.clamp(min=0)), math.log1p(-z_ema) + log_est)
         else:
-            c = K * noise_probs[idx].to(acc) + EPS
-        ln_pos = torch.log(P[:, 0] / (P[:, 0] + c[:, 0]))
-        ln_neg = torch.log((c[:, 1:] - EPS) / (P[:, 1:] + c[:, 1:]))
-        loss = -(ln_pos.sum() + ln_neg.sum()) / B
-        dP = torch.empty_like(P)
-        dP[:, 0] = -c[:, 0] / (P[:, 0] * (P[:, 0] + c[:, 0]))
-        dP[:, 1:] = 1.0 / (P[:, 1:] + c[:, 1:])
-        coef = dP * P / (T * B)
+            log_ema = torch.log(zc.clamp(min=0))
+        log_z = torch.where(zc <= 0, log_est, log_ema)
+        z_out = torch.exp(log_z).to(torch.float32).reshape(1)
+        if noise_probs is None:
+            kp = torch.full_like(t, K / N)
+        else:
+            kp = K * noise_probs[idx].to(acc)
+        log_c = torch.log(kp + EPS)
+        lp = t - log_z                                                 # log P, P = exp(s/T) / Z
+        # -log(P / (P + c)) = softplus(log c - lp); -log(K Pn / (P + c)) = logaddexp(lp, log c) - log(K Pn)
+        ln_pos = torch.nn.functional.softplus(log_c[:, 0] - lp[:, 0])
+        ln_neg = torch.logaddexp(lp[:, 1:], log_c[:, 1:]) - torch.log(kp[:, 1:])
+        loss = (ln_pos.sum() + ln_neg.sum()) / B
+        # dloss/dP * P: -c / (P + c) for the positive, P / (P + c) for the negatives
+        coef = torch.sigmoid(lp - log_c)
+        coef[:, 0] -= 1
+        coef = coef / (T * B)
     grad = torch.einsum("bk,bkd->bd", coef, Vg)
     if proximal > 0:
         diff = F - memory[indices].to(acc)
@@ -152,8 +167,8 @@ def _seed_tensor(generator, device):
     return torch.randint(0, 2**62, (1,), generator=generator, device=dev, dtype=torch.int64).to(device)
 
 
-def _z_tensor(z, device):
-    """(state tensor or None, (1,) float32 input tensor)."""
+def _z_tensor(z, device, validate=True):
+    """(state tensor or None, (1,) float32 input tensor); z must be finite (<= 0: estimate)."""
     if z is None:
         return None, torch.zeros(1, dtype=torch.float32, device=device)
     if isinstance(z, torch.Tensor):
@@ -161,9 +176,12 @@ def _z_tensor(z, device):
             raise ValueError(f"z must be a float, None, or a 1-element floating tensor, got shape {tuple(z.shape)}")
         if z.device != device:
             raise ValueError(f"z is on {z.device} but features are on {device}")
+        if validate:
+            _validate.check_z_tensor(z)
         return z, z.detach().reshape(1).to(torch.float32)
     if isinstance(z, bool) or not isinstance(z, (int, float)):
         raise TypeError(f"z must be a float, None or a tensor, got {type(z).__name__}")
+    _validate.check_z_number(float(z))
     return None, torch.full((1,), float(z), dtype=torch.float32, device=device)
 
 
@@ -183,7 +201,7 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         indices: (B,) int64 dataset indices (the positives).
         num_negatives: K, negatives per sample (ignored if ``neg_indices``).
         temperature: T.
-        z: normalisation constant. A float; a 1-element float tensor used as
+        z: normalisation constant (finite). A float; a 1-element float tensor used as
             state (a value <= 0 means "estimate from this batch and store it
             here"); or None (estimate from this batch, store nothing).
         momentum: bank momentum m.
@@ -193,7 +211,9 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         generator: torch.Generator for the negatives (reproducible runs).
         loss_type: "nce" (lemniscate, default) or "infonce" (softmax CE over K+1 logits).
         z_ema: moving-average factor for Z (e.g. 0.99) when ``z`` is a state tensor.
-        validate: check index ranges and NaN/inf (costs a GPU synchronisation);
+        validate: check index ranges and NaN/inf, and after the op (before Z or
+            the bank change) that loss, gradient and Z are finite: a NaN/inf bank
+            row is named, a Z float32 cannot hold is an error (costs a GPU synchronisation);
             shapes, dtypes and hyper-parameters are always checked.
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         exclude_positive: never draw the positive as a negative.
@@ -247,7 +267,7 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         noise_probs = (noise_probs / noise_probs.sum()).to(torch.float32).contiguous()
     if exclude_positive and N < 2:
         raise ValueError("exclude_positive needs a memory bank with at least 2 rows")
-    z_state, z_in = _z_tensor(z, features.device)
+    z_state, z_in = _z_tensor(z, features.device, validate)
     if negatives == "shared":
         from .nce_shared import shared_step
         return shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negatives, temperature,
@@ -260,13 +280,19 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         neg_indices = draw_negatives(indices, N, num_negatives, generator=generator,
                                      exclude_positive=exclude_positive, noise_probs=noise_probs)
     seed = _seed_tensor(generator, features.device)
-    loss, _, z_out = _forward_op(be)(
+    loss, grad, z_out = _forward_op(be)(
         features.contiguous(), memory, indices, neg_indices, z_in, seed, int(num_negatives),
         float(temperature), float(proximal), LOSS_TYPES[loss_type], float(z_ema or 0.0),
         bool(exclude_positive), noise_probs)
+    if validate:   # a NaN/inf bank row it read, or a Z float32 cannot hold: error before any write
+        _validate.check_loss_result("nce_loss", memory, loss, grad, temperature=temperature,
+                                    z=z_out if loss_type == "nce" else None, rows=(indices, neg_indices))
     if z_state is not None and loss_type == "nce":
-        with torch.no_grad():
-            z_state.copy_(z_out.reshape(z_state.shape))
+        # an inference-mode state tensor (InstDiscLoss built under torch.inference_mode()) is written like the bank
+        mode = torch.inference_mode() if not _validate._tracing() and z_state.is_inference() else torch.no_grad()
+        with mode:   # never store a Z float32 cannot hold (only reachable with validate=False)
+            z_new = z_out.reshape(z_state.shape).to(z_state.dtype)
+            z_state.copy_(torch.where(torch.isfinite(z_new) & (z_new > 0), z_new, z_state))
     if update_memory:
         bank_update_(memory, indices, features.detach(), momentum, backend=be, validate=False)
     return loss

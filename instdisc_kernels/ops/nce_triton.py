@@ -20,7 +20,10 @@ of batch row b, in tiles of BLOCK_K rows x BLOCK_D columns):
 * ``_esum_kernel``  Z pre-pass (NCE only): sum_k exp(s/T) per program. It reads
   z from device memory and, when z > 0 and z_ema == 0 (fixed Z), runs zero loop
   iterations (no row is read): the branch is decided on the device, no host sync.
-* ``_z_kernel``     one program: Z from the partial sums and z (first batch / EMA / fixed).
+* ``_esum_kernel`` keeps an online max and a sum of exp(s/T - max), so that
+  ``_log_z_kernel`` (one program) forms log Z from the partials and z (first batch /
+  EMA / fixed) without overflow; ``_nce_kernel`` works with log P = s/T - log Z.
+  Z itself is returned as float32 and the caller rejects it when float32 cannot hold it.
 * ``_nce_kernel``   main pass: NCE terms with the device-resident Z, or InfoNCE with
   an online softmax over the negatives (running max, rescaled sum and rescaled
   gradient accumulator, as in flash-attention) so that the gradient is
@@ -52,6 +55,8 @@ float64 is done on the reference/cpu backends). Scalars (T, lambda, z_ema) are
 passed as fp32 kernel arguments.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -113,7 +118,7 @@ def _sample_kernel(out_ptr, seed_ptr, y_ptr, N, K, EXCLUDE: tl.constexpr, BLOCK_
 
 
 @triton.jit(do_not_specialize=["N"])
-def _esum_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, seed_ptr, z_ptr, esum_ptr,
+def _esum_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, seed_ptr, z_ptr, esum_ptr, emax_ptr,
                  N, D, stride_m, K, K1, CHUNK, SPLIT, inv_T,
                  ALWAYS: tl.constexpr, HAS_NEG: tl.constexpr, EXCLUDE: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -129,14 +134,49 @@ def _esum_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, seed_ptr, z_ptr, esum_ptr,
     f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + b)
     seed = tl.load(seed_ptr)
+    # online max m and sum of exp(s/T - m): Z in log space, no overflow of exp(s/T)
+    m = -float("inf")
     total = 0.0
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < k_end
         idx = _column_indices(y, neg_ptr, seed, b, offs_k, kmask, N, K, HAS_NEG, EXCLUDE)
         rows, s = _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask)
-        total += tl.sum(tl.where(kmask, tl.exp(s * inv_T), 0.0), axis=0)
+        t = tl.where(kmask, s * inv_T, -float("inf"))
+        m_new = tl.maximum(m, tl.max(t, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(t - m_new), axis=0)
+        m = m_new
     tl.store(esum_ptr + b * SPLIT + j, total)
+    tl.store(emax_ptr + b * SPLIT + j, m)
+
+
+@triton.jit
+def _log_z_kernel(esum_ptr, emax_ptr, z_ptr, zbuf_ptr, NP, log_scale, z_ema, ALWAYS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """log Z from the (max, sum exp(t - max)) partials: log(scale * sum) when z <= 0, the
+    EMA log(a z + (1 - a) est) or log z otherwise. zbuf = (Z, log Z); Z may be inf (checked by the caller)."""
+    M = -float("inf")
+    for start in range(0, NP, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        M = tl.maximum(M, tl.max(tl.load(emax_ptr + offs, mask=offs < NP, other=-float("inf")), axis=0))
+    total = 0.0
+    for start in range(0, NP, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mj = tl.load(emax_ptr + offs, mask=offs < NP, other=-float("inf"))
+        sj = tl.load(esum_ptr + offs, mask=offs < NP, other=0.0)
+        total += tl.sum(tl.where(sj > 0, sj * tl.exp(mj - M), 0.0), axis=0)
+    log_est = tl.log(total) + M + log_scale
+    z = tl.load(z_ptr)
+    log_zg = tl.log(tl.where(z > 0, z, 1.0))
+    if ALWAYS:
+        x = tl.log(z_ema) + log_zg
+        y = tl.log(1.0 - z_ema) + log_est
+        lz = tl.maximum(x, y) + tl.log(1.0 + tl.exp(-tl.abs(x - y)))
+    else:
+        lz = log_zg
+    lz = tl.where(z <= 0, log_est, lz)
+    tl.store(zbuf_ptr, tl.exp(lz))
+    tl.store(zbuf_ptr + 1, lz)
 
 
 @triton.jit
@@ -173,15 +213,20 @@ def _nce_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, noise_ptr, seed_ptr, zbuf_ptr
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     part = b * SPLIT + j
     if LOSS == 0:
-        # lemniscate NCE: per-entry terms with the device-resident Z
-        Z = tl.load(zbuf_ptr)
+        # lemniscate NCE: per-entry terms with the device-resident log Z; beyond |log P| > LIM
+        # the terms take their asymptotic forms (exp(log P) never overflows fp32)
+        log_z = tl.load(zbuf_ptr + 1)
+        LIM = 80.0
         loss = 0.0
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < k_end
             idx = _column_indices(y, neg_ptr, seed, b, offs_k, kmask, N, K, HAS_NEG, EXCLUDE)
             rows, s = _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask)
-            P = tl.exp(s * inv_T) / Z
+            lp = s * inv_T - log_z
+            P = tl.exp(tl.minimum(lp, LIM))
+            big = lp > LIM
+            small = lp < -LIM
             if HAS_NOISE:
                 cneg = k_float * tl.load(noise_ptr + idx, mask=kmask, other=1.0)   # K * Pn
             else:
@@ -190,8 +235,12 @@ def _nce_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, noise_ptr, seed_ptr, zbuf_ptr
             pos = offs_k == 0
             # -log(P/(P+c)) for the positive, -log(K Pn/(P+c)) for negatives;
             # coef = dloss/dP * P (times 1/(T B), applied in _combine_kernel)
-            term = tl.where(pos, tl.log((P + c) / P), tl.log((P + c) / cneg))
-            coef = tl.where(pos, -c, P) / (P + c)
+            term_pos = tl.where(big, 0.0, tl.where(small, tl.log(c) - lp, tl.log((P + c) / P)))
+            coef_pos = tl.where(big, 0.0, tl.where(small, -1.0, -c / (P + c)))
+            term_neg = tl.where(big, lp - tl.log(cneg), tl.log((P + c) / cneg))
+            coef_neg = tl.where(big, 1.0, P / (P + c))
+            term = tl.where(pos, term_pos, term_neg)
+            coef = tl.where(pos, coef_pos, coef_neg)
             loss += tl.sum(tl.where(kmask, term, 0.0), axis=0)
             acc += tl.sum(tl.where(kmask, coef, 0.0)[:, None] * rows, axis=0)
         tl.store(part_a_ptr + part, loss)
@@ -436,13 +485,14 @@ def nce_forward_triton(
                   BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
     f32 = dict(dtype=torch.float32, device=dev)
 
-    zbuf = torch.empty(1, **f32)
+    zbuf = torch.empty(2, **f32)                                  # (Z, log Z)
     if loss_type == 0:
         esum = torch.empty(B * split, **f32)
-        _esum_kernel[(B, split)](feats, mem, y, neg, seed_t, z_in, esum, N, D, mem.stride(0), K, K1, chunk,
+        emax = torch.empty(B * split, **f32)
+        _esum_kernel[(B, split)](feats, mem, y, neg, seed_t, z_in, esum, emax, N, D, mem.stride(0), K, K1, chunk,
                                  split, inv_T, ALWAYS=z_ema > 0, **common)
-        _z_kernel[(1,)](esum, z_in, zbuf, B * split, N / (B * K1), float(z_ema), ALWAYS=z_ema > 0,
-                        BLOCK=min(1024, max(16, triton.next_power_of_2(B * split))))
+        _log_z_kernel[(1,)](esum, emax, z_in, zbuf, B * split, math.log(N / (B * K1)), float(z_ema),
+                            ALWAYS=z_ema > 0, BLOCK=min(1024, max(16, triton.next_power_of_2(B * split))))
     part_a = torch.empty(B, split, **f32)
     part_m = torch.empty(B, split, **f32)
     part_g = torch.empty(B, split, D, **f32)
@@ -455,7 +505,7 @@ def nce_forward_triton(
                           inv_T, 1.0 / B, float(proximal), LOSS=loss_type, HAS_PROX=proximal > 0,
                           BLOCK_S=max(2, triton.next_power_of_2(split)), BLOCK_D=block_d, num_warps=num_warps)
     loss = loss_rows.sum()
-    z_out = zbuf if loss_type == 0 else z_in.clone()
+    z_out = zbuf[:1].clone() if loss_type == 0 else z_in.clone()
     if features.dtype == torch.float64:
         loss, grad = loss.double(), grad.double()
     return loss, grad, z_out

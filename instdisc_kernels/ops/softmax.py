@@ -251,7 +251,8 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
             updated in place after the loss has read it when ``update_memory``.
         indices: (B,) int64 dataset indices (the positives).
         temperature, momentum: T and m of SPEC 1.2/1.1.
-        validate: check index ranges and NaN/inf (a GPU synchronisation).
+        validate: check index ranges and NaN/inf, and that loss and gradient are finite
+            before the update (a NaN/inf bank row is named); a GPU synchronisation.
         backend: "auto" | "cpu" (chunked ATen) | "triton" | "reference" (eager B x N).
         precision: "fp32" or "bf16" chunk products (fp32 accumulation; bf16 error
             bound in the module docstring).
@@ -271,8 +272,10 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
         raise ValueError("memory must be contiguous (it is updated in place)")
     be = resolve_backend(backend, features.device)
     indices = indices.long().contiguous()
-    loss, _ = _forward_op(be)(features.contiguous(), memory, indices, float(temperature), precision,
-                              int(chunk_size or 0))
+    loss, grad = _forward_op(be)(features.contiguous(), memory, indices, float(temperature), precision,
+                                 int(chunk_size or 0))
+    if validate:   # every bank row is read: a NaN/inf one makes loss or gradient non-finite
+        _validate.check_loss_result("nonparametric_softmax_loss", memory, loss, grad, temperature=temperature)
     if update_memory:
         _bank_update_mod.bank_update_(memory, indices, features.detach(), momentum,
                                       backend=_bank_backend(be, features.device), validate=False)
