@@ -1,7 +1,8 @@
 """Ranks that disagree fail together: DistributedInstDiscLoss configuration, per-step feature
 dtype and kNN arguments that differ across ranks raise the same ValueError on every rank
 (naming the argument and each rank's value) instead of a gloo abort, a silent divergence of
-the replicated banks or a hang until the collective timeout. 2 gloo CPU processes.
+the replicated banks or a hang until the collective timeout; a replicated Z that float32
+cannot hold fails every rank the same way. 2 gloo CPU processes.
 
 The process group timeout is 20 s: a hang fails as a RuntimeError, not as a stuck test.
 """
@@ -101,7 +102,44 @@ def _knn_mismatch(rank, world):
     chk.raise_if_any()
 
 
-SCENARIOS = {"config": _config_mismatch, "step_dtype": _step_dtype_mismatch, "knn": _knn_mismatch}
+def _z_overflow(rank, world):
+    """The replicated first-batch Z in log space: exact where exp(s/T) overflows float32 but Z does
+    not, and a Z float32 cannot hold raises the same ValueError on every rank, nothing written."""
+    chk = Checks()
+    k = 40
+    bank = torch.zeros(N, DIM)
+    bank[0, 0] = 1.0                                  # row 0 = e0, every other row = e1
+    bank[1:, 1] = 1.0
+    f = torch.zeros(3 + rank, DIM)
+    f[:, 2] = 1.0                                     # orthogonal to every row: s = 0
+    if rank == 0:
+        f[0] = 0
+        f[0, 0] = 1.0                                 # s = 1 against row 0 only
+    y = torch.arange(1, 4 + rank) + 5 * rank          # positives: rows other than 0
+    neg = torch.full((3 + rank, k), 7)
+    if rank == 0:
+        neg[0, 3] = 0                                 # one aligned entry in the whole global batch
+    entries = sum((3 + r) * (k + 1) for r in range(world))
+    for T, ok in ((1 / 90, True), (1 / 200, False)):  # exp(90) > float32 max; Z = N e^90 / entries is not
+        crit = DistributedInstDiscLoss(N, DIM, mode="replicated", num_negatives=k, temperature=T,
+                                       z="first-batch", backend="reference")
+        crit.memory.copy_(bank)
+        before, z0 = crit.full_bank(all_ranks=True).clone(), crit.z.clone()
+        if ok:
+            loss = crit(f.clone().requires_grad_(True), y, neg_indices=neg)
+            want = N * (torch.tensor(90.0, dtype=torch.float64).exp() + entries - 1) / entries
+            chk.close(f"Z at T=1/90", crit.z.double().reshape(()), want, rtol=1e-6, atol=0)
+            chk.true("loss at T=1/90 is not finite", bool(torch.isfinite(loss)))
+        else:
+            chk.raises("Z not representable", ValueError, ["temperature", "not representable"],
+                       lambda: crit(f.clone().requires_grad_(True), y, neg_indices=neg))
+            chk.true("a rejected step changed the bank", torch.equal(crit.full_bank(all_ranks=True), before))
+            chk.true("a rejected step changed Z", torch.equal(crit.z, z0))
+    chk.raise_if_any()
+
+
+SCENARIOS = {"config": _config_mismatch, "step_dtype": _step_dtype_mismatch, "knn": _knn_mismatch,
+             "z_overflow": _z_overflow}
 
 
 def _worker(rank, world, port, outdir, _ckpt):

@@ -11,6 +11,8 @@ loss, the usual DDP convention.) No collective runs in backward.
 """
 from __future__ import annotations
 
+import math
+
 import struct
 
 import torch
@@ -272,11 +274,24 @@ class DistributedInstDiscLoss(nn.Module):
         acc = _sharded.acc_dtype(features.dtype)
         rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
         s = _sharded.entry_scores(features.detach().to(acc), self.memory, rows, idx.reshape(-1))
-        tot = torch.stack([torch.exp(s / self.temperature).sum().to(torch.float64),
-                           torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device)])
+        # in log space, like the single-process kernels: the max of s/T over all ranks first, so
+        # exp(s/T) cannot overflow (T = 0.01 with aligned features is exp(100))
+        x = s.to(torch.float64) / self.temperature
+        m = x.max().reshape(1)
+        _comm.all_reduce_(m, "max", self.group)
+        tot = torch.stack([torch.exp(x - m).sum(), torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device)])
         _comm.all_reduce_(tot, "sum", self.group)
-        est = self.num_samples * float(tot[0] / tot[1])
-        z = est if z <= 0 else self.z_ema * z + (1 - self.z_ema) * est
+        log_z = math.log(self.num_samples) + float(m) + math.log(float(tot[0]) / float(tot[1]))
+        if z > 0:   # moving average as a log-add-exp
+            a, b = math.log(self.z_ema * z), math.log1p(-self.z_ema) + log_z
+            log_z = max(a, b) + math.log1p(math.exp(-abs(a - b)))
+        z = math.exp(log_z) if log_z < 709 else math.inf
+        z32 = float(torch.tensor(z, dtype=torch.float32))       # what the Z buffer would hold
+        if not (math.isfinite(z32) and z32 > 0):
+            # every rank computed the same value from the same all_reduce: every rank raises
+            raise ValueError(f"the NCE normaliser Z = exp({log_z:.1f}) is not representable in float32: "
+                             f"temperature={self.temperature} is too small for these features (or the "
+                             f"features are not unit length); the bank and Z are left unchanged")
         self.z.fill_(z)
         return z, neg_indices
 
