@@ -104,34 +104,46 @@ def table(dataset, results):
     return "\n".join(lines)
 
 
+def _curve(ax, rs, key, label, color):
+    curves = np.array([[h.get(key, np.nan) for h in r["history"]] for r in rs], dtype=float)
+    x = np.arange(1, curves.shape[1] + 1)
+    ax.plot(x, np.nanmean(curves, 0), label=label, color=color)
+    if len(rs) > 1:
+        ax.fill_between(x, np.nanmin(curves, 0), np.nanmax(curves, 0), alpha=0.15, color=color)
+
+
 def plot(all_results, path):
+    """Per dataset: bank kNN top-1 per Z policy, the Z each policy used (last step of each
+    epoch, log scale), and bank kNN top-1 per proximal lambda; mean over the seeds, band = min..max."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(all_results)
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.2 * len(datasets)), squeeze=False)
-    groups = [("Z policy (and the exact softmax)", [BASELINE_ROW] + [r for r, _ in Z_ROWS]),
-              ("proximal lambda (NCE, Z batch)", ["NCE, Z batch"] + [r for r, _ in LAMBDA_ROWS])]
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(17, 4.2 * len(datasets)), squeeze=False)
+    z_rows, names = [r for r, _ in Z_ROWS], [r for r, _ in ROWS]
+    panels = [("bank kNN top-1 per Z policy", [BASELINE_ROW] + z_rows, "knn_top1", "kNN top-1 (%)"),
+              ("Z used (end of each epoch)", z_rows, "z", "Z"),
+              ("bank kNN top-1 per proximal lambda (NCE, Z batch)", ["NCE, Z batch"] + [r for r, _ in LAMBDA_ROWS],
+               "knn_top1", "kNN top-1 (%)")]
     for i, ds in enumerate(datasets):
-        for j, (title, rows) in enumerate(groups):
+        for j, (title, rows, key, ylabel) in enumerate(panels):
             ax = axes[i][j]
             for row in rows:
-                rs = all_results[ds].get(row)
-                if not rs:
-                    continue
-                curves = np.array([[h["knn_top1"] for h in r["history"]] for r in rs])
-                x = np.arange(1, curves.shape[1] + 1)
-                label = "lambda 0" if j == 1 and row == "NCE, Z batch" else row.replace("NCE, Z batch, ", "")
-                ax.plot(x, curves.mean(0), label=label)
-                ax.fill_between(x, curves.min(0), curves.max(0), alpha=0.15)
-            ax.set_title(f"{ds}: {title}")
+                if all_results[ds].get(row):
+                    label = row.replace("NCE, Z batch, ", "") if j == 2 else row
+                    color = plt.cm.tab10(names.index(row) % 10)                  # one colour per row
+                    _curve(ax, all_results[ds][row], key, "lambda 0" if j == 2 and row == "NCE, Z batch" else label,
+                           color)
+            if key == "z":
+                ax.set_yscale("log")
+            ax.set_title(f"{ds}: {title}", fontsize=10)
             ax.set_xlabel("epoch")
-            ax.set_ylabel("bank kNN top-1 (%)")
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

@@ -59,7 +59,8 @@ class InstDiscLoss(nn.Module):
         else:
             if self.z_mode == "exact":        # shapes first: the refresh reads the bank
                 _validate.check_features_memory_indices(features, self.bank.memory, indices, values=False)
-            z_in, z_ema = z_policy.prepare(self.z_mode, self.z, int(self.z_step), features, self.bank.memory,
+            step = int(self.z_step) if self.z_mode in z_policy.STEP_POLICIES else 0   # no sync otherwise
+            z_in, z_ema = z_policy.prepare(self.z_mode, self.z, step, features, self.bank.memory,
                                            self.temperature, z_ema=self.z_ema, z_every=self.z_every)
         loss = nce_loss(features, self.bank.memory, indices, num_negatives=self.num_negatives,
                         temperature=self.temperature, z=z_in, momentum=self.bank.momentum,

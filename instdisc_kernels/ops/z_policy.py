@@ -37,6 +37,7 @@ import torch
 from .softmax import default_chunk_size
 
 Z_POLICIES = ("first-batch", "ema", "ema-bc", "batch", "exact")
+STEP_POLICIES = ("ema-bc", "exact")        # the ones that read the step counter
 DEFAULT_POLICY = "batch"
 DEFAULT_EVERY = 1
 _F32_MAX = float(torch.finfo(torch.float32).max)
