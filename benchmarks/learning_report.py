@@ -71,14 +71,17 @@ def load_run(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f if line.strip()]
     ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    with open(os.path.join(out, "wall.json")) as f:
-        wall = json.load(f)["seconds"]
+    wall = float("nan")                     # (missing if the run was stopped after final.json)
+    if os.path.exists(os.path.join(out, "wall.json")):
+        with open(os.path.join(out, "wall.json")) as f:
+            wall = json.load(f)["seconds"]
     return {"final": final, "history": history, "baselines": ck.get("baselines", {}), "seconds": wall}
 
 
 def _ms(values):
+    """mean ± sample standard deviation (the value alone for one seed)."""
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
 def table(dataset, results):
@@ -100,7 +103,7 @@ def table(dataset, results):
         z = f"{np.mean(zs):.3g}" if all(v is not None for v in zs) else ""
         lines.append(f"| {row} | {len(rs)} | {_ms([r['final']['knn_top1'] for r in rs])} | "
                      f"{_ms([r['final']['bank_top1'] for r in rs])} | {_ms([r['final']['linear'] for r in rs])} | "
-                     f"{z} | {np.mean([r['seconds'] for r in rs]):.0f} |")
+                     f"{z} | {np.nanmean([r['seconds'] for r in rs]):.0f} |")
     return "\n".join(lines)
 
 

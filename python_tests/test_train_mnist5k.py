@@ -96,3 +96,39 @@ def test_help_describes_z_policies_and_mnist5k(capsys):
                    "default:batch"):
         assert needle in text, needle
     assert "needsanumber" not in text and "needsahand-set" not in text
+
+
+def test_distributed_criterion_re_estimates_z_every_batch(monkeypatch):
+    """--bank replicated/sharded with the default --z batch: the distributed loss (lemniscate's
+    Z state) gets a fresh estimate at every step, against a frozen first-batch Z (1-process gloo group)."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.nn.functional.normalize(torch.randn(6, 128, generator=g), dim=1) for _ in range(3)]
+    idx = torch.arange(6)
+    seen = {}
+    for mode in ("replicated", "sharded"):
+        for z in ("batch", "first-batch"):
+            args = train.fill_defaults(train.build_parser().parse_args(
+                ["--bank", mode, "--loss", "nce", "--nce-k", "8", "--device", "cpu", "--z", z]))
+            _, _, dev = train.init_distributed(args)
+            try:
+                crit = train.build_criterion(args, 20, dev)
+                zs = []
+                for f in feats:
+                    crit(f, idx)
+                    zs.append(float(crit.z))
+            finally:
+                dist.destroy_process_group()
+            assert all(0 < v < float("inf") for v in zs), (mode, z, zs)
+            seen[mode, z] = zs
+        assert len(set(seen[mode, "batch"])) == 3 and len(set(seen[mode, "first-batch"])) == 1, seen
+        assert seen[mode, "batch"][0] == seen[mode, "first-batch"][0]        # the same first estimate
