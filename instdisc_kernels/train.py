@@ -41,7 +41,7 @@ BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 DEFAULTS = {
     "digits": dict(arch="smallcnn", epochs=30, batch_size=128, lr=0.003, weight_decay=5e-4, lr_steps=[25],
                    loss="softmax", nce_k=1024, nce_t=0.1, workers=0, threads=1),
-    "mnist5k": dict(arch="smallcnn", epochs=10, batch_size=128, lr=0.003, weight_decay=5e-4, lr_steps=[8],
+    "mnist5k": dict(arch="smallcnn", epochs=30, batch_size=128, lr=0.003, weight_decay=5e-4, lr_steps=[25],
                     loss="softmax", nce_k=1024, nce_t=0.1, workers=0, threads=2),
     "cifar10": dict(arch="resnet18-cifar", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4,
                     lr_steps=[120, 160], loss="nce", nce_k=4096, nce_t=0.1, workers=4),
