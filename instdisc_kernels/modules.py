@@ -83,9 +83,11 @@ class InstDiscLoss(nn.Module):
                         proximal=self.proximal, generator=self.generator, loss_type=self.loss_type,
                         z_ema=z_ema, backend=self.backend, negatives=self.negatives)
         if z_in is not self.z:                # the call succeeded: keep the Z it used
-            with torch.no_grad():
+            # state created under torch.inference_mode() is written like the bank (ops/nce.py)
+            inference = not _validate._tracing() and self.z.is_inference()
+            with torch.inference_mode() if inference else torch.no_grad():
                 self.z.copy_(z_in)
-                self.z_step += 1
+                self.z_step.add_(1)
         return loss
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
