@@ -321,3 +321,32 @@ def test_never_allocates_b_by_k():
     with AllocTracker(f, mem, y, neg) as tr:                          # the tracker sees the eager B x K
         NS.forward_eager(f, mem, y, neg, torch.tensor([-1.0]), 0.1, 0.0, 0, 0.0, True, None, "fp32")
     assert tr.largest >= bxk
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("loss_type", ["nce", "infonce"])
+def test_shared_negatives_report_a_non_finite_bank_row_before_any_write(backend, loss_type):
+    # the same post-op checks as per-sample nce_loss: a NaN row among the K shared rows is named,
+    # and neither the bank nor the Z state changes
+    g = torch.Generator().manual_seed(3)
+    memory = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    memory[11, 3] = float("nan")
+    x = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1).requires_grad_()
+    y = torch.tensor([0, 5, 5, 39])
+    z = torch.tensor([-1.0])
+    bank0, z0 = memory.clone(), z.clone()
+    with pytest.raises(ValueError, match="memory row 11"):
+        ik.nce_loss(x, memory, y, neg_indices=torch.tensor([2, 11, 30]), negatives="shared", z=z,
+                    loss_type=loss_type, temperature=0.1, backend=backend)
+    assert torch.equal(memory.isnan(), bank0.isnan()) and torch.equal(memory.nan_to_num(), bank0.nan_to_num())
+    assert torch.equal(z, z0)
+
+
+def test_shared_negatives_write_an_inference_mode_z_state():
+    with torch.inference_mode():
+        z = torch.tensor([-1.0])
+    memory = torch.nn.functional.normalize(torch.randn(30, 8), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(3, 8), dim=1).requires_grad_()
+    loss = ik.nce_loss(x, memory, torch.tensor([1, 2, 3]), num_negatives=5, negatives="shared", z=z,
+                       temperature=0.1, backend="reference")
+    assert torch.isfinite(loss) and float(z) > 0

@@ -272,7 +272,7 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         from .nce_shared import shared_step
         return shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negatives, temperature,
                            momentum, proximal, update_memory, generator, loss_type, z_ema, backend,
-                           exclude_positive, noise_probs, precision, chunk_size)
+                           exclude_positive, noise_probs, precision, chunk_size, validate)
     be = resolve_backend(backend, features.device)
 
     indices = indices.long().contiguous()
@@ -284,9 +284,17 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         features.contiguous(), memory, indices, neg_indices, z_in, seed, int(num_negatives),
         float(temperature), float(proximal), LOSS_TYPES[loss_type], float(z_ema or 0.0),
         bool(exclude_positive), noise_probs)
+    finish_step(features, memory, indices, (indices, neg_indices), loss, grad, z_out, z_state, loss_type,
+                temperature, momentum, validate, update_memory, be)
+    return loss
+
+
+def finish_step(features, memory, indices, rows, loss, grad, z_out, z_state, loss_type, temperature, momentum,
+                validate, update_memory, bank_backend):
+    """After an NCE op (per-sample or shared negatives): check its outputs, store Z, update the bank."""
     if validate:   # a NaN/inf bank row it read, or a Z float32 cannot hold: error before any write
         _validate.check_loss_result("nce_loss", memory, loss, grad, temperature=temperature,
-                                    z=z_out if loss_type == "nce" else None, rows=(indices, neg_indices))
+                                    z=z_out if loss_type == "nce" else None, rows=rows)
     if z_state is not None and loss_type == "nce":
         # an inference-mode state tensor (InstDiscLoss built under torch.inference_mode()) is written like the bank
         mode = torch.inference_mode() if not _validate._tracing() and z_state.is_inference() else torch.no_grad()
@@ -294,5 +302,4 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
             z_new = z_out.reshape(z_state.shape).to(z_state.dtype)
             z_state.copy_(torch.where(torch.isfinite(z_new) & (z_new > 0), z_new, z_state))
     if update_memory:
-        bank_update_(memory, indices, features.detach(), momentum, backend=be, validate=False)
-    return loss
+        bank_update_(memory, indices, features.detach(), momentum, backend=bank_backend, validate=False)

@@ -80,9 +80,8 @@ import torch
 
 from .. import _backend, _validate
 from . import _saved_grad
-from .nce import EPS, LOSS_TYPES, _opmath, draw_negatives
+from .nce import EPS, LOSS_TYPES, _opmath, draw_negatives, finish_step
 from .softmax import PRECISIONS, _bank_backend, default_chunk_size
-from .bank_update import bank_update_
 
 LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
 
@@ -115,6 +114,8 @@ def combine_log_z(log_est, z, z_ema):
                                                                            dtype=torch.float64, device=z.device))
     else:
         return torch.tensor(math.log(z0), dtype=torch.float64, device=z.device)
+    if bool(torch.isnan(log_z)):   # a NaN/inf score (bank row): nce_loss's output check names the row
+        return log_z
     if not bool(torch.isfinite(log_z)) or float(log_z) > LOG_F32_MAX:
         raise ValueError(f"the Z estimate exp({float(log_z):.4g}) is not representable in float32: the scores "
                          "s/T are too large (normalise the features/bank rows or raise the temperature)")
@@ -452,7 +453,7 @@ def check_shared_neg_indices(neg_indices, features, N, validate):
 
 def shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negatives, temperature, momentum,
                 proximal, update_memory, generator, loss_type, z_ema, backend, exclude_positive, noise_probs,
-                precision, chunk_size):
+                precision, chunk_size, validate=True):
     """nce_loss(..., negatives="shared") after nce_loss has checked its arguments (neg_indices
     with check_shared_neg_indices, noise_probs normalised): the loss; the bank update after it."""
     if precision not in PRECISIONS:
@@ -464,14 +465,11 @@ def shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negat
     if neg_indices is None:
         neg_indices = draw_shared_negatives(indices, memory.shape[0], num_negatives, generator=generator,
                                             noise_probs=noise_probs)
-    loss, _, z_out = _forward_op(be)(
+    loss, grad, z_out = _forward_op(be)(
         features.contiguous(), memory, indices, neg_indices, z_in, float(temperature), float(proximal),
         LOSS_TYPES[loss_type], float(z_ema or 0.0), bool(exclude_positive), noise_probs, precision,
         int(chunk_size or 0))
-    if z_state is not None and loss_type == "nce":
-        with torch.no_grad():
-            z_state.copy_(z_out.reshape(z_state.shape))
-    if update_memory:
-        bank_update_(memory, indices, features.detach(), momentum, backend=_bank_backend(be, features.device),
-                     validate=False)
+    # the same checks, Z store and update as per-sample nce_loss
+    finish_step(features, memory, indices, (indices, neg_indices), loss, grad, z_out, z_state, loss_type,
+                temperature, momentum, validate, update_memory, _bank_backend(be, features.device))
     return loss
