@@ -35,8 +35,9 @@ Z_ROWS = [
 ]
 LAMBDA_ROWS = [(f"NCE, Z batch, lambda {lam}", ["--loss", "nce", "--z", "batch", "--proximal", str(lam)])
                for lam in (10, 30, 50)]
+SHARED_ROWS = [("NCE, Z batch, shared negatives", ["--loss", "nce", "--z", "batch", "--negatives", "shared"])]
 ROWS = ([("exact softmax", ["--loss", "softmax"])] + Z_ROWS + [("InfoNCE over K+1", ["--loss", "infonce"])]
-        + LAMBDA_ROWS)
+        + LAMBDA_ROWS + SHARED_ROWS)
 BASELINE_ROW = "exact softmax"      # its runs also evaluate raw pixels and the untrained network
 
 
