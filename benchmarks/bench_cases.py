@@ -148,9 +148,28 @@ def cases(op, device_type, size):
 KNN_OPS = ("knn", "knn_search")
 
 
-def providers(device_type):
-    """Eager first, then each library backend of the device, then torch.compile."""
-    return [EAGER] + [f"fused-{b}" for b in LIB_BACKENDS[device_type]] + [COMPILE]
+def _table(op):
+    """The backend table (instdisc_kernels/ops/*.py TABLE) of the library op a benchmark runs."""
+    from instdisc_kernels.ops import bank_update, knn, nce, nce_probs, nce_shared, softmax
+    return {"nce": nce, "nce_shared": nce_shared, "softmax": softmax, "knn": knn, "knn_search": knn,
+            "bank_update": bank_update, "lemniscate_nce": nce_probs}[op].TABLE
+
+
+def lib_backends(op, device_type):
+    """LIB_BACKENDS of the device as the op has them: one the op has no kernel for is replaced by
+    "eager" (the softmax, the shared negatives and the kNN: the library's chunked torch pass)."""
+    impls = _table(op).impls
+    out = []
+    for b in LIB_BACKENDS[device_type]:
+        b = b if b in impls else "eager"
+        if b not in out:
+            out.append(b)
+    return tuple(out)
+
+
+def providers(device_type, op):
+    """Eager first, then each library backend of the op on the device, then torch.compile."""
+    return [EAGER] + [f"fused-{b}" for b in lib_backends(op, device_type)] + [COMPILE]
 
 
 def is_peer(provider):
@@ -170,13 +189,13 @@ def op_providers(op, device_type):
     op's PEERS (before torch.compile; a search has no training-step baseline to compile); the drop-in
     steps: eager (the original-style modules) and the drop-ins (LinearAverage has no backend choice)."""
     if op == "lemniscate_nce":
-        return providers(device_type)[:-1]
+        return providers(device_type, op)[:-1]
     if op == "lemniscate_linear":
         return [EAGER, f"fused-{LIB_BACKENDS[device_type][-1]}"]
-    base = providers(device_type)
+    base = providers(device_type, op)
     eager, fused, comp = base[:1], base[1:-1], base[-1:]
     if op in PRECISION_OPS:
-        fused += [f"fused-{b}+bf16" for b in LIB_BACKENDS[device_type]]
+        fused += [f"fused-{b}+bf16" for b in lib_backends(op, device_type)]
     if op in PAGE_OPS and device_type == "cpu":
         fused += ["fused-cpu+4k"]
     if op == "knn_search":

@@ -38,7 +38,8 @@ def pytest_addoption(parser):
                 help="device to benchmark (auto: cuda when present)")
     g.addoption("--bench-backends", default=None,
                 help="comma-separated library backends to run as fused-<backend> providers "
-                     "(default: cpu on CPU; triton,cuda on CUDA). 'reference' is allowed for comparison.")
+                     "(default: cpu on CPU, triton,cuda on CUDA, each replaced by eager for an op "
+                     "without that kernel). 'eager' is allowed for comparison.")
     g.addoption("--bench-compile", action="store_true",
                 help="run the torch.compile provider where it is skipped by default "
                      "(the smoke size; CPU below --bench-size=full)")
@@ -62,7 +63,7 @@ def pytest_generate_tests(metafunc):
     if backends:
         keep = {b.strip() for b in backends.split(",")}
         extra = [f"fused-{b.strip()}" for b in backends.split(",")
-                 if f"fused-{b.strip()}" not in bench_cases.providers(dev)]
+                 if f"fused-{b.strip()}" not in bench_cases.op_providers(op, dev)]
         params = [(c, p) for c, p in params
                   if p in ("eager", "compile") or bench_cases.split_provider(p)[0] in keep]
         params = _insert_after_eager(params, extra)

@@ -1,18 +1,43 @@
-"""Backend names, availability and the "auto" choice.
+"""Backend names, what each needs, and the one function that picks one for an op.
 
-backends: "reference" (eager PyTorch, any device), "cpu" (C++ kernels in
-instdisc_kernels._C), "triton" (Triton kernels on CUDA; on CPU tensors only
-under TRITON_INTERPRET=1, for tests), "cuda" (CUDA C++ kernels in _C).
-Each op module declares which backends it implements; ``resolve`` picks one.
+The words mean the same for every op (docs/backends.md has the table op x backend):
+  "eager"  plain PyTorch in the op's own precision; runs on any device. For the
+           exact softmax, the shared negatives and the kNN this is the chunked
+           torch path (never a B x N / Q x N block).
+  "cpu"    this library's C++ kernels (instdisc_kernels._C, csrc/cpu/) on CPU tensors.
+  "triton" this library's Triton kernels on CUDA tensors (on CPU tensors only under
+           TRITON_INTERPRET=1, for tests).
+  "cuda"   this library's CUDA C++ kernels (csrc/cuda/, an extension built with
+           INSTDISC_BUILD_CUDA=1) on CUDA tensors.
+  "auto"   CPU tensors: "cpu", else "eager"; CUDA tensors: CUDA_PREFERENCE, else "eager".
+"reference" is the old spelling of "eager": accepted for one release with a
+DeprecationWarning. The float64 oracle is instdisc_kernels/reference.py, not a backend.
+
+Each op module declares its implementations once, as an ``OpTable`` (backend name ->
+``Impl``); ``select`` is the only function that chooses among them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
+import sys
+import warnings
+from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+BACKENDS = ("auto", "eager", "cpu", "triton", "cuda")
+DEPRECATED = {"reference": "eager"}     # old spelling -> name; accepted until the next release
+
+# On CUDA tensors, "auto" tries these in order, then "eager". Provisional: no GPU run has
+# happened yet; the order stays a guess until benchmarks/run_gpu.sh records a run in
+# benchmarks/RESULTS.md.
+CUDA_PREFERENCE = ("triton", "cuda")
+CPU_PREFERENCE = ("cpu",)
+
+KIND = {"eager": "eager PyTorch path", "cpu": "C++ CPU kernel", "triton": "Triton kernel",
+        "cuda": "CUDA C++ kernel"}
 
 
 def _importable(module: str) -> bool:
@@ -54,50 +79,131 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
         return False
 
 
-def available(backend: str, device: torch.device, cpp_op: str | None = None, has_triton: bool = False,
-              cpu_impl: bool = False) -> bool:
-    """Whether ``backend`` can run an op on ``device``.
+def op_handle(name: str):
+    """torch.ops.instdisc.<name>, or None when this build does not define it."""
+    try:
+        return getattr(torch.ops.instdisc, name)
+    except (AttributeError, RuntimeError):
+        return None
 
-    cpp_op: the torch.ops.instdisc name whose C++ kernels implement "cpu"/"cuda".
-    has_triton: whether the op has a Triton implementation.
-    cpu_impl: the op's "cpu" backend is implemented without a C++ kernel
-        (e.g. chunked ATen/oneDNN matmuls), so it is available on any CPU tensor.
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One backend of an op: the implementation and what it needs besides the backend's device.
+
+    fn: the callable or torch.ops handle (a tuple of them for ops with several entry
+        points); None when this build does not define it.
+    where: file and function of the kernel (for docs and error messages).
+    dispatch: the torch.ops.instdisc op that must have a kernel for the device's dispatch key.
+    triton: needs triton importable.
+    auto: whether "auto" may pick it (False: only when asked for by name).
     """
-    if backend == "reference":
-        return True
-    if backend == "cpu":
-        if device.type == "cpu" and cpu_impl:
-            return True
-        return device.type == "cpu" and cpp_op is not None and has_kernel(cpp_op, "CPU")
-    if backend == "cuda":
-        return device.type == "cuda" and cpp_op is not None and has_kernel(cpp_op, "CUDA")
-    if backend == "triton":
-        if not has_triton or not triton_importable():
-            return False
-        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
-    return False
+    fn: Any
+    where: str
+    dispatch: str | None = None
+    triton: bool = False
+    auto: bool = True
 
 
-# On CUDA, "auto" tries these in order; benchmarks/RESULTS.md records why.
-CUDA_PREFERENCE = ["triton", "cuda", "reference"]
+class OpTable:
+    """An op's implementations, declared once: backend name -> Impl ("eager" is required)."""
+
+    def __init__(self, op: str, **impls: Impl):
+        unknown = set(impls) - set(BACKENDS[1:])
+        if unknown or "eager" not in impls:
+            raise ValueError(f"{op}: backends must include 'eager' and be among {BACKENDS[1:]}, got {sorted(impls)}")
+        self.op, self.impls = op, impls
+
+    def __getitem__(self, backend: str):
+        return self.impls[backend].fn
+
+    def select(self, backend: str, device: torch.device, op: str | None = None) -> str:
+        return select(self, backend, device, op=op)
+
+    def available(self, backend: str, device: torch.device) -> bool:
+        return backend in self.impls and missing(self, backend, device) is None
 
 
-def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None = None,
-            has_triton: bool = False, cpu_impl: bool = False) -> str:
-    """Resolve ``backend`` for an op on ``device``; clear error when unavailable."""
-    if backend not in BACKENDS:
+def _user_stacklevel() -> int:
+    """stacklevel for warnings.warn called from canonical(): the first frame outside this
+    package and torch (the user's call)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    skip = (pkg, os.path.dirname(os.path.abspath(torch.__file__)))
+    f, level = sys._getframe(1), 1        # level 1: canonical itself
+    while f is not None and f.f_code.co_filename.startswith(skip):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def canonical(backend: str, warn: bool = True) -> str:
+    """``backend`` in the vocabulary (ValueError naming the argument when it is not a backend);
+    "reference" becomes "eager" with a DeprecationWarning."""
+    if isinstance(backend, str) and backend in DEPRECATED:
+        new = DEPRECATED[backend]
+        if warn:
+            warnings.warn(f"backend={backend!r} is deprecated and will be removed in the next release: "
+                          f"use backend={new!r} (the same implementation)", DeprecationWarning,
+                          stacklevel=_user_stacklevel())
+        return new
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        order = ["cpu", "reference"] if device.type == "cpu" else CUDA_PREFERENCE
-        for cand in order:
-            if available(cand, device, cpp_op, has_triton, cpu_impl):
-                return cand
-        return "reference"
-    if not available(backend, device, cpp_op, has_triton, cpu_impl):
-        why = {
-            "cpu": "needs CPU tensors and the compiled extension instdisc_kernels._C",
-            "cuda": "needs CUDA tensors and an extension built with CUDA (INSTDISC_BUILD_CUDA=1)",
-            "triton": "needs CUDA tensors and triton installed (or TRITON_INTERPRET=1 for CPU tensors)",
-        }.get(backend, "")
-        raise ValueError(f"backend={backend!r} is not available for {op} on device {device}: {why}")
     return backend
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cpu":
+        return CPU_PREFERENCE + ("eager",)
+    if device.type == "cuda":
+        return CUDA_PREFERENCE + ("eager",)
+    return ("eager",)
+
+
+_DEVICE_NEEDS = {"cpu": ("cpu",), "cuda": ("cuda",)}
+
+
+def missing(table: OpTable, backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run table's op on ``device`` (None: it can)."""
+    impl = table.impls.get(backend)
+    if impl is None:
+        others = ", ".join(b for b in table.impls)
+        return f"this op has no {KIND[backend]} (its backends: {others}; 'auto' picks the best available)"
+    if backend in _DEVICE_NEEDS and device.type not in _DEVICE_NEEDS[backend]:
+        return f"its {KIND[backend]} ({impl.where}) needs {backend.upper()} tensors"
+    if impl.triton:
+        if not triton_importable():
+            return f"its {KIND[backend]} ({impl.where}) needs triton installed"
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            return f"its {KIND[backend]} ({impl.where}) needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+    if impl.dispatch is not None:
+        if not extension_loaded():
+            return (f"its {KIND[backend]} ({impl.where}) needs the compiled extension instdisc_kernels._C, "
+                    "which did not import")
+        key = "CUDA" if device.type == "cuda" else "CPU"
+        if not has_kernel(impl.dispatch, key):
+            if key == "CUDA":
+                return (f"its {KIND[backend]} ({impl.where}) is not in this build of instdisc_kernels._C "
+                        "(build with INSTDISC_BUILD_CUDA=1)")
+            return (f"the loaded instdisc_kernels._C has no CPU kernel for instdisc::{impl.dispatch} "
+                    "(rebuild the extension)")
+    if impl.fn is None:
+        return f"its {KIND[backend]} ({impl.where}) is not defined in this build"
+    return None
+
+
+def select(table: OpTable, backend: str, device: torch.device, op: str | None = None) -> str:
+    """The backend name that runs ``table``'s op for tensors on ``device``.
+
+    "auto" takes the first of auto_order(device) the op has and can run (never fails: every
+    op has "eager"); a named backend the op cannot run there is a ValueError naming the op,
+    the backend, the device and what is needed. ``op`` overrides the op's name in messages."""
+    name = canonical(backend)
+    if name == "auto":
+        for cand in auto_order(device):
+            impl = table.impls.get(cand)
+            if impl is not None and (impl.auto or cand == "eager") and missing(table, cand, device) is None:
+                return cand
+        return "eager"
+    why = missing(table, name, device)
+    if why is not None:
+        raise ValueError(f"backend={name!r} is not available for {op or table.op} on device {device}: {why}")
+    return name

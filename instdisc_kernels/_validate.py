@@ -160,7 +160,7 @@ def check_loss_config(*, num_samples, dim, num_negatives, temperature, momentum,
                       loss_type, backend, bank_dtype):
     """Constructor checks shared by the loss modules; returns the initial Z state
     (-1.0: estimate it on the first batch, for z="first-batch" or "ema")."""
-    from ._backend import BACKENDS
+    from ._backend import canonical
 
     check_positive_int(num_samples, "num_samples")
     check_positive_int(dim, "dim")
@@ -173,8 +173,7 @@ def check_loss_config(*, num_samples, dim, num_negatives, temperature, momentum,
         raise ValueError(f"loss_type must be 'nce' or 'infonce', got {loss_type!r}")
     if isinstance(z_ema, bool) or not isinstance(z_ema, (int, float)) or not 0 < z_ema < 1:
         raise ValueError(f"z_ema must be in (0, 1), got {z_ema!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    canonical(backend, warn=False)     # ValueError naming the argument when it is not a backend
     if bank_dtype not in FLOAT_DTYPES:
         raise TypeError(f"bank_dtype must be a floating dtype, got {bank_dtype}")
     if isinstance(z, str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _validate
+from . import _backend, _validate
 from .memory_bank import MemoryBank
 from .ops.nce import nce_loss
 from .ops import z_policy
@@ -31,6 +31,7 @@ class InstDiscLoss(nn.Module):
         super().__init__()
         if negatives not in ("per-sample", "shared"):
             raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
+        backend = _backend.canonical(backend)   # "reference" -> "eager" (DeprecationWarning)
         _validate.check_loss_config(     # z: checked (with z_every) by the policy module
             num_samples=num_samples, dim=dim, num_negatives=num_negatives, temperature=temperature,
             momentum=momentum, z="first-batch" if isinstance(z, str) else z, z_ema=z_ema, proximal=proximal,

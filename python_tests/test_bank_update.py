@@ -3,12 +3,10 @@ import pytest
 import torch
 
 import instdisc_kernels as ik
-from instdisc_kernels import _backend
+from instdisc_kernels.ops import bank_update
 from instdisc_kernels import reference as ref
 
-BACKENDS = [b for b in ("reference", "cpu", "triton")
-            if _backend.available(b, torch.device("cpu"), "bank_update_",
-                                  b != "triton" or hasattr(torch.ops.instdisc, "bank_update_triton_"))]
+BACKENDS = [b for b in ("eager", "cpu", "triton") if bank_update.TABLE.available(b, torch.device("cpu"))]
 # bank dtype -> tolerance on the updated rows (one rounding to the bank dtype)
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 

@@ -1,6 +1,6 @@
 """DistributedInstDiscLoss (replicated and sharded banks) on gloo with 2 and 3 CPU
 processes, against the single-process oracle (nce_loss / nonparametric_softmax_loss
-with backend="reference") on the same global index matrix.
+with backend="eager") on the same global index matrix.
 
 Each world size is spawned once (module fixture) and runs every scenario; a
 scenario records its failed checks and raises only after its last collective,
@@ -106,7 +106,7 @@ def _matches_single_process(rank, world, name):
     z, lt, prox = c.get("z", "first-batch"), c.get("loss_type", "nce"), c.get("proximal", 0.0)
     chk = Checks()
     crit = DistributedInstDiscLoss(N, dim, mode=mode, num_negatives=k, temperature=T, z=z, proximal=prox,
-                                   loss_type=lt, bank_dtype=bank, backend=c.get("backend", "reference"),
+                                   loss_type=lt, bank_dtype=bank, backend=c.get("backend", "eager"),
                                    generator=torch.Generator().manual_seed(rank))
     ref_mem = crit.full_bank(all_ranks=True).clone()
     ref_z = torch.tensor([-1.0])
@@ -115,10 +115,10 @@ def _matches_single_process(rank, world, name):
         off, b = sum(sizes[:rank]), sizes[rank]
         fr = feats.clone().requires_grad_(True)
         if k == 0:
-            lr = ik.nonparametric_softmax_loss(fr, ref_mem, y, temperature=T, backend="reference")
+            lr = ik.nonparametric_softmax_loss(fr, ref_mem, y, temperature=T, backend="eager")
         else:
             lr = ik.nce_loss(fr, ref_mem, y, neg_indices=neg, temperature=T, z=ref_z, proximal=prox,
-                             loss_type=lt, z_ema=0.99 if z == "ema" else None, backend="reference")
+                             loss_type=lt, z_ema=0.99 if z == "ema" else None, backend="eager")
         lr.backward()
         fl = feats[off:off + b].clone().requires_grad_(True)
         loss = crit(fl, y[off:off + b], neg[off:off + b] if k else None)
@@ -147,7 +147,7 @@ def _random_negatives(rank, world):
     chk = Checks()
     for mode in ("sharded", "replicated"):
         torch.manual_seed(0)          # same default RNG on every rank: negatives must still differ per rank
-        crit = DistributedInstDiscLoss(N, 16, mode=mode, num_negatives=9, temperature=T, backend="reference")
+        crit = DistributedInstDiscLoss(N, 16, mode=mode, num_negatives=9, temperature=T, backend="eager")
         for step in range(2):
             sizes, feats, y, _ = _batch(world, step, 16, 1, torch.float32)
             off, b = sum(sizes[:rank]), sizes[rank]
@@ -197,7 +197,7 @@ def _bad_input_fails_everywhere(rank, world):
     chk.raises("bad temperature on one rank", ValueError, [f"rank {last}", "temperature"],
                lambda: DistributedInstDiscLoss(N, 8, temperature=-1.0 if rank == last else T))
     for mode in ("sharded", "replicated"):
-        crit = DistributedInstDiscLoss(N, 8, mode=mode, num_negatives=3, temperature=T, backend="reference")
+        crit = DistributedInstDiscLoss(N, 8, mode=mode, num_negatives=3, temperature=T, backend="eager")
         sizes, feats, y, neg = _batch(world, 0, 8, 3, torch.float32)
         off, b = sum(sizes[:rank]), sizes[rank]
         fl, yl, nl = feats[off:off + b], y[off:off + b].clone(), neg[off:off + b]
@@ -241,7 +241,7 @@ def _ddp_step_equals_single_process(rank, world):
         ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.5)
         # replicated: a fixed Z (its first-batch Z is rounded to float32 by the fused op; see above)
         z = "first-batch" if mode == "sharded" else 50.0
-        crit = DistributedInstDiscLoss(N, dim, mode=mode, num_negatives=k, temperature=T, z=z, backend="reference")
+        crit = DistributedInstDiscLoss(N, dim, mode=mode, num_negatives=k, temperature=T, z=z, backend="eager")
         ref_mem, ref_z = crit.full_bank(all_ranks=True).clone(), torch.tensor([-1.0 if mode == "sharded" else 50.0])
         for step in range(2):
             sizes, _, y, neg = _batch(world, step, dim, k, torch.float64)
@@ -252,7 +252,7 @@ def _ddp_step_equals_single_process(rank, world):
             opt.step()
             ref_opt.zero_grad()
             ik.nce_loss(Fn.normalize(ref_net(x), dim=1), ref_mem, y, neg_indices=neg, temperature=T, z=ref_z,
-                        backend="reference").backward()
+                        backend="eager").backward()
             ref_opt.step()
             for (n_, p), rp in zip(net.named_parameters(), ref_net.parameters()):
                 chk.close(f"{mode} step {step} {n_}", p.detach(), rp.detach(), rtol=1e-9, atol=1e-11)

@@ -15,7 +15,7 @@ from test_distributed import Checks, _assert_ok, _launch, _serve
 
 N, DIM, K = 23, 8, 4
 MODES = ("replicated", "sharded")
-BASE = dict(num_negatives=K, temperature=0.1, momentum=0.5, z="first-batch", backend="reference")
+BASE = dict(num_negatives=K, temperature=0.1, momentum=0.5, z="first-batch", backend="eager")
 
 # (argument, value on rank 0, value on the other ranks, the name the error must use)
 CONFIG_CASES = [
@@ -30,7 +30,7 @@ CONFIG_CASES = [
     ("num_negatives", 0, 4, "num_negatives"),
     ("bank_dtype", torch.float32, torch.bfloat16, "bank_dtype"),
     ("proximal", 0.0, 0.1, "proximal"),
-    ("backend", "reference", "cpu", "backend"),
+    ("backend", "eager", "cpu", "backend"),
     ("dim", DIM, DIM + 1, "dim"),
     ("num_samples", N, N + 2, "num_samples"),
 ]
@@ -122,7 +122,7 @@ def _z_overflow(rank, world):
     entries = sum((3 + r) * (k + 1) for r in range(world))
     for T, ok in ((1 / 90, True), (1 / 200, False)):  # exp(90) > float32 max; Z = N e^90 / entries is not
         crit = DistributedInstDiscLoss(N, DIM, mode="replicated", num_negatives=k, temperature=T,
-                                       z="first-batch", backend="reference")
+                                       z="first-batch", backend="eager")
         crit.memory.copy_(bank)
         before, z0 = crit.full_bank(all_ranks=True).clone(), crit.z.clone()
         if ok:

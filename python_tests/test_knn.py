@@ -70,9 +70,9 @@ def test_dtypes(qdtype, bdtype, tol):
     assert torch.equal(K.knn_topk(q, bank, 25, chunk_size=64)[1], _stable_topk(q, bank, 25)[1])
 
 
-def test_reference_backend_agrees():
+def test_eager_and_cpu_backends_agree():
     q, _, bank, lab = _clustered(5, 300, 16, 6)
-    a = knn_predict(q, bank, lab, k=20, num_classes=6, backend="reference")
+    a = knn_predict(q, bank, lab, k=20, num_classes=6, backend="eager")
     b = knn_predict(q, bank, lab, k=20, num_classes=6, backend="cpu", chunk_size=50)
     ref = R.knn_scores(q, bank, lab, 20, T, 6)
     assert ((a.double() - ref).abs() <= 2e-5 * ref.abs().amax(1, keepdim=True)).all()

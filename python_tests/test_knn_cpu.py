@@ -14,18 +14,18 @@ from instdisc_kernels import reference as R
 from instdisc_kernels.ops import knn as K
 from test_knn import _clustered, _stable_topk, _tied_data, _unit
 
-pytestmark = pytest.mark.skipif(not K.fused_available(torch.device("cpu")),
+pytestmark = pytest.mark.skipif(not K.TABLE.available("cpu", torch.device("cpu")),
                                 reason="the C++ extension instdisc_kernels._C is not built")
 
 PREFILTERS = [
     pytest.param(False, id="avx512bf16", marks=pytest.mark.skipif(
-        not K._FUSED_SIMD, reason="this CPU has no AVX512-BF16 (the portable prefilter is tested)")),
+        not K._CPU_SIMD, reason="this CPU has no AVX512-BF16 (the portable prefilter is tested)")),
     pytest.param(True, id="portable"),
 ]
 
 
 def _check(q, bank, k, portable, chunk=K.DEFAULT_CHUNK):
-    v, i = K.knn_topk_fused(q, bank, k, chunk_size=chunk, portable=portable)
+    v, i = K.knn_topk_cpp(q, bank, k, chunk_size=chunk, portable=portable)
     rv, ri = _stable_topk(q, bank, k)
     assert v.shape == (q.shape[0], k) and i.dtype == torch.int64
     assert v.dtype == (torch.float64 if torch.float64 in (q.dtype, bank.dtype) else torch.float32)
@@ -100,7 +100,7 @@ def test_adversarial_orders(order, portable):
 def test_ties_lower_index_first(portable):
     q, bank = _tied_data()
     for k in (1, 5, 40, 41, 120):
-        _, i = K.knn_topk_fused(q, bank, k, chunk_size=33, portable=portable)
+        _, i = K.knn_topk_cpp(q, bank, k, chunk_size=33, portable=portable)
         assert torch.equal(i, _stable_topk(q, bank, k)[1]), k
 
 
@@ -112,11 +112,11 @@ def test_scaled_rows(portable):
 
 
 def test_prefilters_agree_on_larger_data():
-    if not K._FUSED_SIMD:
+    if not K._CPU_SIMD:
         pytest.skip("this CPU has no AVX512-BF16: only the portable prefilter exists here")
     q, _, bank, _ = _clustered(200, 6000, 128, 10, spread=0.7)
-    a = K.knn_topk_fused(q, bank, 200)
-    b = K.knn_topk_fused(q, bank, 200, portable=True)
+    a = K.knn_topk_cpp(q, bank, 200)
+    b = K.knn_topk_cpp(q, bank, 200, portable=True)
     rv, ri = _stable_topk(q, bank, 200)
     assert torch.equal(a[1], ri) and torch.equal(b[1], ri)
 
@@ -124,11 +124,11 @@ def test_prefilters_agree_on_larger_data():
 def test_knn_predict_backends_agree():
     q, _, bank, lab = _clustered(20, 900, 16, 6)
     ref = R.knn_scores(q, bank, lab, 40, 0.07, 6)
-    for backend in ("cpu", "auto", "reference"):
+    for backend in ("cpu", "auto", "eager"):
         sc = knn_predict(q, bank, lab, k=40, num_classes=6, backend=backend)
         assert ((sc.double() - ref).abs() <= 2e-5 * ref.abs().amax(1, keepdim=True)).all(), backend
-    assert K._resolve("cpu", q.device) == "fused"
-    assert K._resolve("auto", q.device) == ("fused" if K._FUSED_SIMD else "chunked")
+    assert K.TABLE.select("cpu", q.device) == "cpu"
+    assert K.TABLE.select("auto", q.device) == ("cpu" if K._CPU_SIMD else "eager")
 
 
 def test_non_finite_similarities_are_an_error():
@@ -174,7 +174,7 @@ def test_peak_memory_has_no_q_by_n_term():
     eager, _ = peak(lambda: (q @ bank.t()).topk(k, dim=1), cpu)
     assert eager >= qxn * 0.9                  # the detector sees a Q x N matrix
     out = []
-    fused, _ = peak(lambda: out.append(K.knn_topk_fused(q, bank, k)), cpu)
+    fused, _ = peak(lambda: out.append(K.knn_topk_cpp(q, bank, k)), cpu)
     assert fused < qxn / 8, (fused, qxn)
     assert torch.equal(out[0][1][:50], _stable_topk(q[:50], bank, k)[1])
 
@@ -184,9 +184,9 @@ def test_same_answer_for_any_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = K.knn_topk_fused(q, bank, 50)
+        one = K.knn_topk_cpp(q, bank, 50)
         torch.set_num_threads(max(2, threads))
-        many = K.knn_topk_fused(q, bank, 50)
+        many = K.knn_topk_cpp(q, bank, 50)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])

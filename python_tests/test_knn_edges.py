@@ -7,7 +7,7 @@ import torch
 import instdisc_kernels as ik
 from instdisc_kernels.ops import knn as knn_mod
 
-BACKENDS = ["reference", "auto"] + (["cpu"] if knn_mod.fused_available(torch.device("cpu")) else [])
+BACKENDS = ["eager", "auto"] + (["cpu"] if knn_mod.TABLE.available("cpu", torch.device("cpu")) else [])
 
 
 def _data(Q=7, N=40, D=16, C=5, seed=0):

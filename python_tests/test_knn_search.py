@@ -7,7 +7,7 @@ from instdisc_kernels import reference as R
 from instdisc_kernels.ops import knn as K
 from test_knn import _clustered, _tied_data, _unit
 
-BACKENDS = ["reference", "auto"] + (["cpu"] if K.fused_available(torch.device("cpu")) else [])
+BACKENDS = ["eager", "auto"] + (["cpu"] if K.TABLE.available("cpu", torch.device("cpu")) else [])
 
 SHAPES = [  # Q, N, D, k
     (1, 1, 1, 1),
@@ -21,8 +21,8 @@ def _check(q, bank, k, backend):
     v, i = knn_search(q, bank, k, backend=backend)
     rv, ri = R.knn_topk(q, bank, k)
     assert v.dtype == torch.float32 and i.dtype == torch.int64 and v.shape == i.shape == (q.shape[0], k)
-    # the fused kernel and the reference are exact (float64 top k); the chunked path ranks in fp32
-    exact = backend in ("reference", "cpu") or (backend == "auto" and K._FUSED_SIMD)
+    # the C++ kernel is exact (float64 top k); the eager (chunked) path ranks in fp32
+    exact = backend == "cpu" or (backend == "auto" and K._CPU_SIMD)
     if exact:
         assert torch.equal(i, ri)
     else:

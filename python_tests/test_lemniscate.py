@@ -6,9 +6,7 @@ import instdisc_kernels as ik
 from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import nce_probs as probs_mod
 
-BACKENDS = [b for b in ("reference", "cpu", "triton")
-            if ik._backend.available(b, torch.device("cpu"), "nce_probs",
-                                     b != "triton" or hasattr(torch.ops.instdisc, "nce_probs_triton"))]
+BACKENDS = [b for b in ("eager", "cpu", "triton") if ik.ops.nce_probs.TABLE.available(b, torch.device("cpu"))]
 
 
 def _lemniscate_step(x, y, memory, idx, params, nLem):
@@ -100,7 +98,7 @@ def test_state_dict_keys_and_lemniscate_checkpoint_loads():
 def test_nce_average_float64_gradient_matches_finite_differences():
     # gradcheck's reentrancy check cannot apply (backward updates the bank, as
     # in lemniscate), so compare one backward with central differences.
-    lem = ik.NCEAverage(5, 12, 3, Z=2.0, T=0.5, backend="reference").double()
+    lem = ik.NCEAverage(5, 12, 3, Z=2.0, T=0.5, backend="eager").double()
     x = torch.nn.functional.normalize(torch.randn(3, 5, dtype=torch.float64), dim=1)
     y = torch.tensor([1, 2, 3])
     idx = torch.randint(0, 12, (3, 4))
@@ -136,16 +134,16 @@ def test_linear_average_matches_lemniscate():
     torch.testing.assert_close(lin.memory.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_probs_backward_reference_matches_autograd():
+def test_probs_backward_eager_matches_autograd():
     torch.manual_seed(6)
     mem = ref.init_memory(15, 6).double()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 15, (3, 5))
-    P, _ = probs_mod.probs_reference(x, mem, idx, torch.tensor([3.0]), 0.2)
+    P, _ = probs_mod.probs_eager(x, mem, idx, torch.tensor([3.0]), 0.2)
     g = torch.randn_like(P)
     (P * g).sum().backward()
-    P2, _ = probs_mod.probs_reference(x.detach(), mem, idx, torch.tensor([3.0]), 0.2)
-    torch.testing.assert_close(probs_mod.probs_backward_reference(g, P2, mem, idx, 0.2), x.grad)
+    P2, _ = probs_mod.probs_eager(x.detach(), mem, idx, torch.tensor([3.0]), 0.2)
+    torch.testing.assert_close(probs_mod.probs_backward_eager(g, P2, mem, idx, 0.2), x.grad)
 
 
 HAS_FUSED_OP = ik._backend.has_kernel("nce_probs_loss", "CPU")
@@ -167,7 +165,7 @@ def test_nce_probs_loss_op_matches_float64_oracle(feat_dtype, bank_dtype, tol, B
         idx[1, 0] = idx[2, 0]                                              # repeated positive
     zt = torch.tensor([z])
     P, loss, grad, gP, z_out = torch.ops.instdisc.nce_probs_loss(x, mem, idx, zt, 0.1)
-    eP, eloss, egrad, egP, ez = probs_mod.probs_loss_reference(x.double(), mem.double(), idx, zt.double(), 0.1)
+    eP, eloss, egrad, egP, ez = probs_mod.probs_loss_eager(x.double(), mem.double(), idx, zt.double(), 0.1)
     torch.testing.assert_close(P.double(), eP, rtol=tol, atol=1e-12)
     torch.testing.assert_close(loss.double(), eloss, rtol=tol, atol=1e-9)
     torch.testing.assert_close(grad.double(), egrad, rtol=10 * tol, atol=1e-9)

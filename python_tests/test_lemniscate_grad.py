@@ -11,7 +11,7 @@ from instdisc_kernels.lemniscate import criterion as criterion_mod
 from instdisc_kernels.ops import nce_probs as probs_mod
 
 N, D, K, T = 12, 100, 5, 0.5
-BACKENDS = ["cpu", "reference"]
+BACKENDS = ["cpu", "eager"]
 
 
 def _views(B=4, seed=0):

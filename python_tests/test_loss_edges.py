@@ -8,16 +8,13 @@ import pytest
 import torch
 
 import instdisc_kernels as ik
-from instdisc_kernels import _backend
 from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import nce as nce_mod
 from instdisc_kernels.ops import softmax as softmax_mod
 
 DEV = torch.device("cpu")
-NCE_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(
-    b, DEV, "nce_forward", b != "triton" or nce_mod._HAS_TRITON)]
-SOFTMAX_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(
-    b, DEV, None, b != "triton" or softmax_mod._HAS_TRITON, cpu_impl=True)]
+NCE_BACKENDS = [b for b in ("eager", "cpu", "triton") if nce_mod.TABLE.available(b, DEV)]
+SOFTMAX_BACKENDS = [b for b in ("eager", "triton") if softmax_mod.TABLE.available(b, DEV)]
 
 
 def _unit(n, d, seed):
@@ -129,7 +126,7 @@ def test_nce_loss_reports_a_non_finite_bank_row(backend, loss_type, bad, where):
     z = torch.tensor([-1.0])
     before, z_before = mem.clone(), z.clone()
     kw = dict(num_negatives=64) if where == "drawn" else dict(neg_indices=neg)
-    if where == "drawn" and backend == "reference":
+    if where == "drawn" and backend == "eager":
         kw["generator"] = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match=f"memory row {row}"):
         ik.nce_loss(_unit(3, D, 1).requires_grad_(), mem, y, z=z, loss_type=loss_type, backend=backend, **kw)

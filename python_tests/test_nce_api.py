@@ -8,9 +8,8 @@ from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import nce as nce_mod
 
 CPU = torch.device("cpu")
-BACKENDS = [b for b in ("reference", "cpu", "triton") if ik._backend.available(
-    b, CPU, "nce_forward", nce_mod._HAS_TRITON)]
-OPS = {"reference": "nce_forward_reference", "cpu": "nce_forward", "triton": "nce_forward_triton"}
+BACKENDS = [b for b in ("eager", "cpu", "triton") if nce_mod.TABLE.available(b, CPU)]
+OPS = {"eager": "nce_forward_eager", "cpu": "nce_forward", "triton": "nce_forward_triton"}
 
 
 def _problem(B, K, D, N=60, seed=0, bank_dtype=torch.float32):

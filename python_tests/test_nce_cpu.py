@@ -5,7 +5,7 @@ directly and through the public ``nce_loss(..., backend="cpu")``.
 
 Tolerances: for every comparison the error of the kernel against the float64 oracle
 (instdisc_kernels/reference.py) must be at most twice the error that PyTorch's own eager math
-makes in the same dtype (the "reference" op, nce_forward_reference, run on the same inputs), or a
+makes in the same dtype (the "eager" op, nce_forward_eager, run on the same inputs), or a
 small floor relative to the result's magnitude. Low-precision banks and features are compared
 against the oracle evaluated on the very same (bf16/fp16-valued) tensors, so what remains is only
 accumulation error.
@@ -27,7 +27,7 @@ from instdisc_kernels import _backend
 from instdisc_kernels import reference as ref
 
 OP = torch.ops.instdisc.nce_forward
-EAGER = torch.ops.instdisc.nce_forward_reference
+EAGER = torch.ops.instdisc.nce_forward_eager
 EPS32 = 2.0 ** -24
 FLOOR = {torch.float32: 16 * EPS32, torch.float64: 1e-12}   # relative error floor per accumulation dtype
 
@@ -366,7 +366,7 @@ def test_probs_and_backward_match_oracle(B, K1, D, N, z, bank_dtype):
     probs, z_out = torch.ops.instdisc.nce_probs(F, mem, idx, torch.tensor([z]), T)
     Z = ref.estimate_z(ref.nce_scores(F, mem, idx), T, N) if z <= 0 else torch.tensor(z, dtype=torch.float64)
     x_probs = ref.nce_probs(F, mem, idx, T, Z)
-    e_probs, _ = ik.ops.nce_probs.probs_reference(F, mem, idx, torch.tensor([z]), T)
+    e_probs, _ = ik.ops.nce_probs.probs_eager(F, mem, idx, torch.tensor([z]), T)
     assert probs.dtype == torch.float32 and probs.shape == (B, K1)
     _assert_vs_oracle(probs, e_probs, x_probs, "probs")
     torch.testing.assert_close(z_out.double(), Z.reshape(1), rtol=2e-6, atol=0)
@@ -381,7 +381,7 @@ def test_probs_and_backward_match_oracle(B, K1, D, N, z, bank_dtype):
         gf = torch.ops.instdisc.nce_probs_backward(gp, probs, mem, idx, T)
         assert gf.shape == (B, D) and gf.dtype == torch.float32
         x_gf = torch.einsum("bk,bkd->bd", gp.double() * probs.double() / T, mem.double()[idx])
-        e_gf = ik.ops.nce_probs.probs_backward_reference(gp, probs, mem, idx, T)
+        e_gf = ik.ops.nce_probs.probs_backward_eager(gp, probs, mem, idx, T)
         _assert_vs_oracle(gf, e_gf, x_gf, f"probs backward ({name})")
 
 

@@ -343,7 +343,7 @@ def test_trainer_nce_step_matches_handwritten_lemniscate_step():
     bundle = build_data("digits", limit_train=64)
     x, _, idx = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=32, shuffle=True)))
     args = train.fill_defaults(train.build_parser().parse_args(
-        ["--loss", "nce", "--nce-k", "48", "--z", "first-batch", "--backend", "reference", "--no-progress",
+        ["--loss", "nce", "--nce-k", "48", "--z", "first-batch", "--backend", "eager", "--no-progress",
          "--epochs", "2"]))
     crit = train.build_criterion(args, bundle.num_train, torch.device("cpu"))
     model = build_model("smallcnn", dim=128, in_channels=bundle.in_channels)

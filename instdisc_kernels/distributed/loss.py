@@ -18,11 +18,11 @@ import struct
 import torch
 from torch import nn
 
-from .. import _validate, reference
+from .. import _backend, _validate, reference
 from .._backend import BACKENDS
 from ..memory_bank import MemoryBank
 from ..ops import knn as _knn
-from ..ops.bank_update import bank_update_
+from ..ops.bank_update import backend_after_loss, bank_update_
 from ..ops.nce import draw_negatives, nce_loss
 from ..ops.nce_shared import draw_shared_negatives, shared_entries
 from ..ops.softmax import nonparametric_softmax_loss
@@ -170,6 +170,7 @@ class DistributedInstDiscLoss(nn.Module):
         self.device = torch.device("cpu")
         err, z_init, cfg = None, -1.0, [0] * len(_FINGERPRINT)
         try:        # local checks, then every rank agrees: a bad or different config fails all ranks
+            backend = _backend.canonical(backend)   # "reference" -> "eager" (DeprecationWarning)
             z_init = _check_config(mode, num_samples, dim, num_negatives, temperature, momentum, z, z_ema,
                                    proximal, loss_type, backend, bank_dtype, self.world_size)
             self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -318,7 +319,8 @@ class DistributedInstDiscLoss(nn.Module):
         loss = local * scale + ((total[0] / Bg).to(local.dtype) - local.detach() * scale)
         Fg = _comm.all_gather_rows(features.detach(), sizes, self.group)
         yg = _comm.all_gather_rows(indices, sizes, self.group)
-        bank_update_(mem, yg, Fg, self.bank.momentum, backend=self.backend, validate=False)
+        bank_update_(mem, yg, Fg, self.bank.momentum, backend=backend_after_loss(self.backend, mem.device),
+                     validate=False)
         return loss
 
     def _forward_sharded(self, features, indices, neg_indices, sizes, any_grad):
@@ -355,8 +357,8 @@ class DistributedInstDiscLoss(nn.Module):
         grad_local = _comm.reduce_scatter_rows(grad, sizes, self.rank, self.group) if any_grad else None
         own = ((yg >= lo) & (yg < hi)).nonzero().squeeze(1)
         if own.numel():
-            bank_update_(mem, yg[own] - lo, Fg_raw[own], self.bank.momentum, backend=self.backend,
-                         validate=False)
+            bank_update_(mem, yg[own] - lo, Fg_raw[own], self.bank.momentum,
+                         backend=backend_after_loss(self.backend, mem.device), validate=False)
         if grad_local is None or not features.requires_grad:
             return loss
         return _GlobalLoss.apply(features, loss, grad_local, float(W))

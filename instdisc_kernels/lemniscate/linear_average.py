@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate
+from ..ops.bank_update import backend_after_loss
 from . import _args, _exclusive
 from ._bank_log import LoggedBankModule
 from .nce_average import init_memory
@@ -46,7 +47,7 @@ class _LinearAverageFunction(torch.autograd.Function):
             grad_x.addmm_(g.index_select(1, rows), delta)
         if not ctx.updated:                   # one forward, one bank update (also with retain_graph)
             ctx.updated = True
-            ctx.log.update_(memory, y, x, ctx.momentum)
+            ctx.log.update_(memory, y, x, ctx.momentum, backend_after_loss("auto", memory.device))
         return grad_x.to(x.dtype), None, None, None, None
 
 

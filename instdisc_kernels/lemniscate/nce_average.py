@@ -3,7 +3,7 @@
 ``out = lemniscate(x, y)`` returns P = exp(V[idx] . x / T) / Z (B x (K+1), column 0
 the positive y); the bank rows y are updated during backward, once per forward.
 When ``NCECriterion`` is applied directly to the output (the lemniscate script's
-``criterion(out, index)``) on the "cpu" or "reference" backend, the forward also
+``criterion(out, index)``) on the "cpu" or "eager" backend, the forward also
 computes the criterion's loss and dloss/dx in the same pass over the gathered
 rows, and the backward uses them instead of reading the rows a second time.
 """
@@ -13,8 +13,9 @@ import math
 
 import torch
 
-from .. import _validate
+from .. import _backend, _validate
 from ..ops import nce_probs as _probs
+from ..ops.bank_update import backend_after_loss
 from . import _args
 from ._bank_log import LoggedBankModule, nce_correction_
 
@@ -59,7 +60,8 @@ def _set_z(params, z_out, T):
 
 class _NCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, memory, idx, params, backend, log, fused):
+    def forward(ctx, x, y, memory, idx, params, backends, log, fused):
+        backend, bank_backend = backends
         _, T, Z, momentum = params.tolist()                    # one host read of [K, T, Z, m]
         xd = x.detach()
         ctx.fused_loss = ctx.fused_grad = ctx.fused_grad_probs = ctx.criterion_grad = None
@@ -73,6 +75,7 @@ class _NCEFunction(torch.autograd.Function):
         ctx.save_for_backward(xd, y, idx, probs)
         ctx.memory, ctx.version, ctx.log = memory, memory._version, log   # the bank by reference
         ctx.T, ctx.momentum, ctx.backend, ctx.num_samples = T, momentum, backend, memory.shape[0]
+        ctx.bank_backend = bank_backend
         ctx.updated = False
         return probs.to(x.dtype)
 
@@ -92,12 +95,8 @@ class _NCEFunction(torch.autograd.Function):
                 nce_correction_(grad_x, coef, idx, *changed)
         if not ctx.updated:                   # one forward, one bank update (also with retain_graph)
             ctx.updated = True
-            ctx.log.update_(memory, y, x, ctx.momentum, _backend_for_update(ctx.backend))
+            ctx.log.update_(memory, y, x, ctx.momentum, ctx.bank_backend)
         return grad_x.to(x.dtype), None, None, None, None, None, None, None
-
-
-def _backend_for_update(backend):
-    return "auto" if backend in ("cpu", "cuda") else backend
 
 
 def fused_node(out, num_samples):
@@ -128,7 +127,7 @@ class NCEAverage(LoggedBankModule):
 
     def _setup(self, params, memory, backend="auto"):
         super()._setup(params, memory)
-        self.K, self.backend = int(params[0]), backend
+        self.K, self.backend = int(params[0]), _backend.canonical(backend)
 
     # lemniscate's alias sampler and its unigrams (uniform): kept for scripts that read them
     @property
@@ -148,6 +147,7 @@ class NCEAverage(LoggedBankModule):
             check_idx(idx, B, self.nLem)
             idx = idx.long().clone()
         idx[:, 0] = y
-        backend = _probs.resolve(self.backend, x.device)
+        backend = _probs.TABLE.select(self.backend, x.device)
         fused = (torch.is_grad_enabled() and x.requires_grad and _probs.has_fused(backend, x.device))
-        return _NCEFunction.apply(x, y.long(), self.memory, idx, self.params, backend, self._bank_log, fused)
+        backends = (backend, backend_after_loss(self.backend, x.device))
+        return _NCEFunction.apply(x, y.long(), self.memory, idx, self.params, backends, self._bank_log, fused)

@@ -5,9 +5,8 @@
 computed in fp32 (fp64 for a float64 bank), rounded once to the bank dtype;
 with a repeated index the last occurrence in batch order wins.
 
-Implementations: "cpu"/"cuda" -> torch.ops.instdisc.bank_update_ (C++),
-"triton" -> torch.ops.instdisc.bank_update_triton_ (ops/bank_update_triton.py),
-"reference" -> torch.ops.instdisc.bank_update_reference_ (eager, below).
+Implementations: TABLE below (docs/backends.md). After a loss, the update's backend
+comes from ``backend_after_loss``.
 """
 from __future__ import annotations
 
@@ -32,9 +31,9 @@ def normalize_rows(v, old):
                        torch.where(ok, u, old.to(v.dtype)))
 
 
-@torch.library.custom_op("instdisc::bank_update_reference_", mutates_args=("memory",))
-def bank_update_reference_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor,
-                           momentum: float) -> None:
+@torch.library.custom_op("instdisc::bank_update_eager_", mutates_args=("memory",))
+def bank_update_eager_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor,
+                       momentum: float) -> None:
     acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
     B = indices.shape[0]
     old = memory[indices]
@@ -47,16 +46,15 @@ def bank_update_reference_(memory: torch.Tensor, indices: torch.Tensor, features
     memory.index_copy_(0, indices, v[last].to(memory.dtype))
 
 
-@bank_update_reference_.register_fake
+@bank_update_eager_.register_fake
 def _(memory, indices, features, momentum):
     return None
 
 
 try:
     from . import bank_update_triton  # noqa: F401  (defines instdisc::bank_update_triton_)
-    _HAS_TRITON = hasattr(torch.ops.instdisc, "bank_update_triton_")
 except ImportError:
-    _HAS_TRITON = False
+    pass
 
 if _backend.extension_loaded():
     @torch.library.register_fake("instdisc::bank_update_")
@@ -64,13 +62,26 @@ if _backend.extension_loaded():
         return None
 
 
-def _op(backend):
-    return {
-        "reference": torch.ops.instdisc.bank_update_reference_,
-        "cpu": getattr(torch.ops.instdisc, "bank_update_", None),
-        "cuda": getattr(torch.ops.instdisc, "bank_update_", None),
-        "triton": getattr(torch.ops.instdisc, "bank_update_triton_", None),
-    }[backend]
+TABLE = _backend.OpTable(
+    "bank_update_",
+    eager=_backend.Impl(torch.ops.instdisc.bank_update_eager_, "ops/bank_update.py bank_update_eager_"),
+    cpu=_backend.Impl(_backend.op_handle("bank_update_"), "csrc/cpu/bank_update.cpp bank_update_cpu",
+                      dispatch="bank_update_"),
+    cuda=_backend.Impl(_backend.op_handle("bank_update_"), "csrc/cuda/bank_update.cu bank_update_cuda",
+                       dispatch="bank_update_"),
+    triton=_backend.Impl(_backend.op_handle("bank_update_triton_"), "ops/bank_update_triton.py bank_update_triton_",
+                         triton=True),
+)
+
+
+def backend_after_loss(backend, device):
+    """The backend of the bank update that follows a loss called with ``backend`` (every loss
+    and drop-in module uses this): "auto" stays "auto" (this op's own choice); a named backend
+    is kept when this op has it on ``device``, else this op's "auto" choice."""
+    name = _backend.canonical(backend, warn=False)
+    if name != "auto" and TABLE.available(name, device):
+        return name
+    return TABLE.select("auto", device)
 
 
 def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", validate=True):
@@ -87,15 +98,15 @@ def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", val
     _validate.check_momentum(momentum)
     if not memory.is_contiguous():
         raise ValueError("memory must be contiguous (it is updated in place)")
-    be = _backend.resolve(backend, memory.device, op="bank_update_", cpp_op="bank_update_", has_triton=_HAS_TRITON)
+    be = TABLE.select(backend, memory.device)
     features = features.detach()
     tracing = _validate._tracing()
-    # features that view the bank: the C++ ops copy them and "reference" reads every row before
+    # features that view the bank: the C++ ops copy them and "eager" reads every row before
     # writing; the Triton programs would race, so they get a copy
     if be == "triton" and not tracing and features.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr():
         features = features.clone()
     # an inference tensor may only be written in inference mode; no autograd graph can hold one
     mode = torch.inference_mode() if not tracing and memory.is_inference() else torch.no_grad()
     with mode:
-        _op(be)(memory, indices.long().contiguous(), features.contiguous(), float(momentum))
+        TABLE[be](memory, indices.long().contiguous(), features.contiguous(), float(momentum))
     return memory

@@ -3,22 +3,22 @@
     sim = Q . Vtrain^T; top k per query; class score c = sum over the top k
     neighbours with label c of exp(sim / sigma); top-1 / top-5 by score.
 
-Two implementations; neither builds the Q x N matrix:
+Two backends (TABLE below; docs/backends.md); neither builds the Q x N matrix:
 
-The fused C++ kernel (``knn_topk_fused``, see Backends) returns the float64
-top k: similarities rescored in float64 from the inputs, ties to the lower
-bank index, the same answer as the float64 reference.
+"cpu": the C++ kernel ``knn_topk_cpu`` (csrc/cpu/knn.cpp, see below) returns the
+float64 top k: similarities rescored in float64 from the inputs, ties to the
+lower bank index, the same answer as the float64 oracle.
 
-The chunked torch path (``knn_topk``) streams over the train features in
+"eager": the chunked torch path (``knn_topk``) streams over the train features in
 chunks of ``chunk_size`` rows, queries in batches of ``query_batch``, keeping a
 running top k per query: peak extra memory O(query_batch x (chunk + k)) plus
 the (Q, k) result. Similarities are exact in the inputs' opmath (fp32 GEMM;
 float64 for float64 inputs; bf16/fp16 inputs are upcast per chunk), so rows
 whose similarities differ by less than fp32 rounding may order differently
-from the float64 reference.
+from the float64 oracle. Any device (cuBLAS GEMMs and torch.topk on CUDA).
 
 Ties in similarity go to the lower bank index (what a stable descending sort
-does, and what the reference does). Why the chunked path keeps that rule:
+does, and what the oracle does). Why the chunked path keeps that rule:
 * chunks are visited in increasing index order, so on a tie between a running
   entry and a new chunk entry the running one (lower index) must win; the
   merge concatenates [running, chunk] and never lets a chunk entry in at a
@@ -35,24 +35,19 @@ are redone on the whole chunk). Later chunks keep only the groups whose max
 beats the running k-th value (the top-M groups, M = the largest such count in
 the batch) and skip the chunk when there are none. On 2 CPU cores (10,000 x
 50,000, D = 128, k = 200) its fp32 GEMM is about 2/3 of the time: hence the
-fused kernel, whose bf16 register-tile prefilter runs at several times the
+C++ kernel, whose bf16 register-tile prefilter runs at several times the
 fp32 GEMM rate.
 
-Backends:
-* "cpu" (and "auto" on CPU when the CPU has AVX512-BF16): the fused C++ kernel
-  torch.ops.instdisc.knn_topk (csrc/cpu/knn.cpp). A bf16 similarity prefilter
-  computed in registers (vdpbf16ps) keeps, per query, only the rows within a
-  rigorous error bound of the running k-th similarity; those are rescored in
-  float64 from the original inputs. The result is the float64 top k (what the
-  reference computes), never an approximation, and the Q x N matrix is never
-  built: extra memory is a few KB per query for min(Q, 2048) queries at a
-  time (Q when the bank spans several chunks), plus one bf16 chunk. Without
-  AVX512-BF16 the same kernel runs a portable prefilter loop ("cpu" only:
-  "auto" then takes the chunked path above, faster there).
-* the chunked torch path above: "auto" on CUDA and on CPUs without
-  AVX512-BF16, or when the extension is not built ("cuda" names it on a GPU:
-  cuBLAS GEMMs and torch.topk; a fused Triton kNN kernel is not written).
-* "reference" builds the full Q x N matrix and stable-sorts it (tests).
+The "cpu" kernel: a bf16 similarity prefilter computed in registers (vdpbf16ps)
+keeps, per query, only the rows within a rigorous error bound of the running k-th
+similarity; those are rescored in float64 from the original inputs. The result is
+the float64 top k, never an approximation, and the Q x N matrix is never built:
+extra memory is a few KB per query for min(Q, 2048) queries at a time (Q when the
+bank spans several chunks), plus one bf16 chunk. Without AVX512-BF16 the same
+kernel runs a portable prefilter loop, slower there than the chunked torch path:
+"auto" then picks "eager" (``Impl(auto=False)``), and "cpu" still runs the kernel.
+No Triton or CUDA C++ kNN kernel is written ("auto" on CUDA picks "eager").
+``_topk_full`` builds the full Q x N matrix and stable-sorts it (tests; not a backend).
 kNN is evaluation only: no autograd.
 """
 from __future__ import annotations
@@ -216,44 +211,48 @@ def knn_topk(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_
 
 
 # --------------------------------------------------------------------------- #
-# The fused C++ kernel                                                         #
+# The C++ kernel ("cpu" backend)                                               #
 # --------------------------------------------------------------------------- #
-def _has_op(name):
-    try:
-        getattr(torch.ops.instdisc, name)
-    except (AttributeError, RuntimeError):   # an extension built before the op existed
-        return False
-    return True
-
-
-if _backend.extension_loaded() and _has_op("knn_topk"):
+if _backend.op_handle("knn_topk") is not None:
     @torch.library.register_fake("instdisc::knn_topk")
     def _knn_topk_fake(queries, bank, k, chunk_size, portable):
         Q = queries.shape[0]
         return (queries.new_empty((Q, k), dtype=_opmath(queries.dtype, bank.dtype)),
                 queries.new_empty((Q, k), dtype=torch.int64))
 
-    _FUSED_SIMD = _has_op("knn_cpu_has_avx512bf16") and bool(torch.ops.instdisc.knn_cpu_has_avx512bf16())
+    # whether the kernel's AVX512-BF16 prefilter runs here ("auto" picks the kernel only then)
+    _CPU_SIMD = _backend.op_handle("knn_cpu_has_avx512bf16") is not None and bool(
+        torch.ops.instdisc.knn_cpu_has_avx512bf16())
 else:
-    _FUSED_SIMD = False
+    _CPU_SIMD = False
 
 
-def fused_available(device) -> bool:
-    """Whether the fused C++ kNN kernel runs on ``device`` (any x86/ARM CPU with the extension)."""
-    return device.type == "cpu" and _backend.has_kernel("knn_topk", "CPU")
-
-
-def knn_topk_fused(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
-    """(values, indices) (Q, k) from the fused C++ kernel: the float64 top k by
+def knn_topk_cpp(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
+    """(values, indices) (Q, k) from the C++ kernel: the float64 top k by
     (similarity desc, index asc); values in the inputs' opmath dtype."""
     return torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size, portable)
 
 
-def _topk_reference(queries, bank, k):
+def _topk_full(queries, bank, k):
     acc = _opmath(queries.dtype, bank.dtype)
     sim = queries.to(acc) @ bank.to(acc).t()                          # Q x N
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
     return sim.gather(1, order), order
+
+
+def _eager(queries, bank, k, chunk_size, query_batch):
+    return knn_topk(queries, bank, k, chunk_size=chunk_size, query_batch=query_batch)
+
+
+def _cpp(queries, bank, k, chunk_size, query_batch):
+    return knn_topk_cpp(queries, bank, k, chunk_size=chunk_size)
+
+
+TABLE = _backend.OpTable(
+    "knn_predict",
+    eager=_backend.Impl(_eager, "ops/knn.py knn_topk"),
+    cpu=_backend.Impl(_cpp, "csrc/cpu/knn.cpp knn_topk_cpu", dispatch="knn_topk", auto=_CPU_SIMD),
+)
 
 
 # --------------------------------------------------------------------------- #
@@ -269,36 +268,12 @@ def _check_labels(name, labels, length, num_classes, *, values=True):
         _validate.check_index_range(name, labels, num_classes)
 
 
-def _resolve(backend, device):
-    """"reference", "fused" (the C++ kernel) or "chunked" (torch GEMM + running top-k)."""
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise ValueError("backend='triton' is not available for knn_predict (no Triton kNN kernel; "
-                         "backend='auto' picks the fastest available path on any device)")
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise ValueError(f"backend={backend!r} is not available for knn_predict on device {device}")
-    if backend == "reference":
-        return "reference"
-    if backend == "cpu":
-        if not fused_available(device):
-            raise ValueError("backend='cpu' is not available for knn_predict: the C++ extension "
-                             "instdisc_kernels._C is not built (backend='auto' runs the chunked torch path)")
-        return "fused"
-    if backend == "auto" and _FUSED_SIMD and fused_available(device):
-        return "fused"
-    return "chunked"
-
-
-def search(queries, bank, k, *, backend="auto", chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_QUERY_BATCH):
-    """(values, indices) (Q, k), sorted by (similarity desc, index asc), on the path
-    ``backend`` resolves to (reference, fused C++ kernel or chunked torch); no input checks."""
-    be = _resolve(backend, queries.device)
-    if be == "reference":
-        return _topk_reference(queries, bank, k)
-    if be == "fused":
-        return knn_topk_fused(queries, bank, k, chunk_size=chunk_size)
-    return knn_topk(queries, bank, k, chunk_size=chunk_size, query_batch=query_batch)
+def search(queries, bank, k, *, backend="auto", chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_QUERY_BATCH,
+           op="knn_predict"):
+    """(values, indices) (Q, k), sorted by (similarity desc, index asc), on the backend
+    TABLE.select picks (``op`` names the public function in errors); no input checks."""
+    be = TABLE.select(backend, queries.device, op=op)
+    return TABLE[be](queries, bank, k, chunk_size, query_batch)
 
 
 # With num_classes=None the class count is inferred as max label + 1; beyond this
@@ -392,7 +367,7 @@ def knn_accuracy(queries, query_labels, bank, bank_labels, *, k=200, temperature
     k5 = min(5, num_classes)
     for s in range(0, queries.shape[0], batch_size):
         vals, idx = search(queries[s:s + batch_size], bank, k, backend=backend, chunk_size=chunk_size,
-                           query_batch=query_batch)
+                           query_batch=query_batch, op="knn_accuracy")
         sc = _scores(vals, idx, bank_labels, temperature, num_classes, relative=True)
         order = torch.sort(sc, dim=1, descending=True, stable=True).indices[:, :k5]
         lab = query_labels[s:s + batch_size].long().view(-1, 1)

@@ -3,9 +3,10 @@
     faiss:             index = faiss.IndexFlatIP(D); index.add(bank); sims, idx = index.search(queries, k)
     instdisc_kernels:  sims, idx = knn_search(queries, bank, k)
 
-Same kernels as ``knn_predict`` (ops/knn.py): on CPUs with AVX512-BF16 the
-fused C++ kernel (bf16 prefilter inside a rigorous error bound, float64
-rescore), elsewhere the chunked GEMM + running top-k; never a Q x N matrix.
+Same backends as ``knn_predict`` (ops/knn.py TABLE): "cpu", the C++ kernel (bf16
+prefilter inside a rigorous error bound, float64 rescore; "auto" picks it on CPUs
+with AVX512-BF16), and "eager", the chunked GEMM + running top-k (any device);
+never a Q x N matrix.
 The answer is sorted by (similarity descending, bank index ascending), so
 ties go to the lower index. No index to build: the bank is searched as it is.
 """
@@ -26,13 +27,13 @@ def knn_search(queries: torch.Tensor, bank: torch.Tensor, k: int, *, backend: st
         queries: (Q, D) floating tensor.
         bank: (N, D) floating tensor on the same device (any float dtype).
         k: neighbours per query, 1 <= k <= N.
-        backend: "auto", "cpu" (the fused C++ kernel), "cuda" (chunked cuBLAS GEMMs)
-            or "reference" (the full Q x N matrix, for tests).
+        backend: "auto", "cpu" (the C++ kernel) or "eager" (chunked GEMMs and a running
+            top-k, any device); docs/backends.md. "reference": deprecated spelling of "eager".
         validate: check queries and bank for NaN/inf (reads every value).
     Returns:
         (similarities (Q, k) float32, indices (Q, k) int64), each row sorted by
         similarity descending, ties to the lower index. Similarities of the
-        fused kernel are the float64 inner products rounded once to float32.
+        "cpu" kernel are the float64 inner products rounded once to float32.
     """
     _validate.check_float_matrix("bank", bank)
     _validate.check_float_matrix("queries", queries, dim=bank.shape[1])
@@ -43,5 +44,5 @@ def knn_search(queries: torch.Tensor, bank: torch.Tensor, k: int, *, backend: st
     if validate:
         _validate.check_finite("queries", queries)
         _validate.check_finite("bank", bank)
-    vals, idx = knn.search(queries, bank, k, backend=backend)
+    vals, idx = knn.search(queries, bank, k, backend=backend, op="knn_search")
     return vals.to(torch.float32), idx.to(torch.int64)

@@ -27,9 +27,7 @@ Op contract, shared by every backend (schema in csrc/instdisc.cpp)::
 * proximal: adds lambda/B * sum_b ||F[b] - V[y[b]]||^2 (and its gradient).
 * The memory bank is only read; the update is the separate op bank_update_.
 
-Implementations: "cpu"/"cuda" -> torch.ops.instdisc.nce_forward (C++),
-"triton" -> torch.ops.instdisc.nce_forward_triton (ops/nce_triton.py),
-"reference" -> torch.ops.instdisc.nce_forward_reference (eager, below).
+Implementations: TABLE below ("eager" -> nce_forward_eager here; docs/backends.md).
 """
 from __future__ import annotations
 
@@ -39,7 +37,7 @@ import torch
 
 from .. import _backend, _validate
 from . import _saved_grad
-from .bank_update import bank_update_
+from .bank_update import backend_after_loss, bank_update_
 
 LOSS_TYPES = {"nce": 0, "infonce": 1}
 EPS = 1e-7
@@ -50,16 +48,16 @@ def _opmath(dtype):
 
 
 # --------------------------------------------------------------------------- #
-# Eager implementation ("reference" backend): readable, any device             #
+# Eager implementation ("eager" backend): readable, any device                 #
 # --------------------------------------------------------------------------- #
-@torch.library.custom_op("instdisc::nce_forward_reference", mutates_args=())
-def nce_forward_reference(
+@torch.library.custom_op("instdisc::nce_forward_eager", mutates_args=())
+def nce_forward_eager(
     features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, neg_indices: torch.Tensor | None,
     z: torch.Tensor, seed: torch.Tensor, num_negatives: int, temperature: float, proximal: float,
     loss_type: int, z_ema: float, exclude_positive: bool, noise_probs: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if neg_indices is None:
-        raise ValueError("the reference backend needs explicit neg_indices (nce_loss draws them)")
+        raise ValueError("the eager backend needs explicit neg_indices (nce_loss draws them)")
     acc = _opmath(features.dtype)
     B, N = features.shape[0], memory.shape[0]
     K = num_negatives
@@ -118,29 +116,29 @@ def _register(opname):
     _saved_grad.register(opname, _nce_forward_fake)
 
 
-_register("instdisc::nce_forward_reference")
+_register("instdisc::nce_forward_eager")
 if _backend.extension_loaded():
     _register("instdisc::nce_forward")
 try:
     from . import nce_triton  # noqa: F401  (defines instdisc::nce_forward_triton)
-    _HAS_TRITON = hasattr(torch.ops.instdisc, "nce_forward_triton")
 except ImportError:
-    _HAS_TRITON = False
-if _HAS_TRITON:
+    pass
+if _backend.op_handle("nce_forward_triton") is not None:
     _register("instdisc::nce_forward_triton")
 
-
-def _forward_op(backend):
-    return {
-        "reference": torch.ops.instdisc.nce_forward_reference,
-        "cpu": getattr(torch.ops.instdisc, "nce_forward", None),
-        "cuda": getattr(torch.ops.instdisc, "nce_forward", None),
-        "triton": getattr(torch.ops.instdisc, "nce_forward_triton", None),
-    }[backend]
+TABLE = _backend.OpTable(
+    "nce_loss",
+    eager=_backend.Impl(torch.ops.instdisc.nce_forward_eager, "ops/nce.py nce_forward_eager"),
+    cpu=_backend.Impl(_backend.op_handle("nce_forward"), "csrc/cpu/nce.cpp nce_forward_cpu", dispatch="nce_forward"),
+    cuda=_backend.Impl(_backend.op_handle("nce_forward"), "csrc/cuda/nce.cu nce_forward_cuda", dispatch="nce_forward"),
+    triton=_backend.Impl(_backend.op_handle("nce_forward_triton"), "ops/nce_triton.py nce_forward_triton",
+                         triton=True),
+)
 
 
 def resolve_backend(backend, device):
-    return _backend.resolve(backend, device, op="nce_loss", cpp_op="nce_forward", has_triton=_HAS_TRITON)
+    """TABLE.select for nce_loss (kept for the trainer, which imports it)."""
+    return TABLE.select(backend, device)
 
 
 # --------------------------------------------------------------------------- #
@@ -215,7 +213,8 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
             the bank change) that loss, gradient and Z are finite: a NaN/inf bank
             row is named, a Z float32 cannot hold is an error (costs a GPU synchronisation);
             shapes, dtypes and hyper-parameters are always checked.
-        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        backend: "auto", "eager", "cpu", "triton" or "cuda" (docs/backends.md; "reference": deprecated
+            spelling of "eager").
         exclude_positive: never draw the positive as a negative.
         noise_probs: optional (N,) noise distribution (sums to 1) instead of uniform.
         negatives: "per-sample" (K negatives per row, lemniscate's) or "shared" (one set of
@@ -273,19 +272,19 @@ def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07,
         return shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negatives, temperature,
                            momentum, proximal, update_memory, generator, loss_type, z_ema, backend,
                            exclude_positive, noise_probs, precision, chunk_size, validate)
-    be = resolve_backend(backend, features.device)
+    be = TABLE.select(backend, features.device)
 
     indices = indices.long().contiguous()
-    if neg_indices is None and (be == "reference" or noise_probs is not None):
+    if neg_indices is None and (be == "eager" or noise_probs is not None):
         neg_indices = draw_negatives(indices, N, num_negatives, generator=generator,
                                      exclude_positive=exclude_positive, noise_probs=noise_probs)
     seed = _seed_tensor(generator, features.device)
-    loss, grad, z_out = _forward_op(be)(
+    loss, grad, z_out = TABLE[be](
         features.contiguous(), memory, indices, neg_indices, z_in, seed, int(num_negatives),
         float(temperature), float(proximal), LOSS_TYPES[loss_type], float(z_ema or 0.0),
         bool(exclude_positive), noise_probs)
     finish_step(features, memory, indices, (indices, neg_indices), loss, grad, z_out, z_state, loss_type,
-                temperature, momentum, validate, update_memory, be)
+                temperature, momentum, validate, update_memory, backend_after_loss(backend, features.device))
     return loss
 
 

@@ -2,13 +2,12 @@
 their backward dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] (SPEC 1.1, 5).
 
 Used by the drop-in modules (instdisc_kernels/lemniscate/), which must
-return the B x (K+1) probabilities. Implementations: "cpu"/"cuda" ->
-torch.ops.instdisc.nce_probs / nce_probs_backward (C++), "triton" ->
-*_triton variants when ops/nce_triton.py defines them, "reference" -> eager.
+return the B x (K+1) probabilities. Implementations: TABLE below, each backend a
+pair (probs, backward) (docs/backends.md).
 
 ``nce_probs_loss`` also returns lemniscate's NCECriterion on P (Pn = 1/N, K =
 idx.size(1) - 1): its loss, dloss/dF and dloss/dP, from the same pass over the gathered
-rows ("cpu": torch.ops.instdisc.nce_probs_loss; "reference": eager). The
+rows (LOSS_TABLE: "cpu" torch.ops.instdisc.nce_probs_loss, "eager"). The
 drop-in uses it when the criterion follows (``has_fused``).
 """
 from __future__ import annotations
@@ -24,7 +23,7 @@ def _opmath(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def probs_reference(features, memory, idx, z, temperature):
+def probs_eager(features, memory, idx, z, temperature):
     acc = _opmath(features.dtype)
     s = torch.einsum("bkd,bd->bk", memory[idx].to(acc), features.to(acc))
     e = torch.exp(s / temperature)
@@ -33,61 +32,88 @@ def probs_reference(features, memory, idx, z, temperature):
     return e / Z, Z.to(torch.float32).reshape(1)
 
 
-def probs_loss_reference(features, memory, idx, z, temperature):
-    P, z_out = probs_reference(features, memory, idx, z, temperature)
+def probs_loss_eager(features, memory, idx, z, temperature):
+    P, z_out = probs_eager(features, memory, idx, z, temperature)
     B, K = P.shape[0], P.shape[1] - 1
     kpn = K / memory.shape[0]
     c = kpn + EPS
     loss = (torch.log1p(c / P[:, 0]).sum() + torch.log1p((P[:, 1:] + EPS) / kpn).sum()) / B
     coef = torch.cat([-c / (P[:, :1] + c), P[:, 1:] / (P[:, 1:] + c)], 1) / (B * temperature)
     grad_probs = torch.cat([-c / (P[:, :1] * (P[:, :1] + c)), 1 / (P[:, 1:] + c)], 1) / B
-    return P, loss, probs_backward_reference(coef, torch.ones_like(P), memory, idx, 1.0), grad_probs, z_out
+    return P, loss, probs_backward_eager(coef, torch.ones_like(P), memory, idx, 1.0), grad_probs, z_out
 
 
-def probs_backward_reference(grad_probs, probs, memory, idx, temperature):
+def probs_backward_eager(grad_probs, probs, memory, idx, temperature):
     coef = grad_probs.to(probs.dtype) * probs / temperature
     return torch.einsum("bk,bkd->bd", coef, memory[idx].to(probs.dtype))
 
 
 try:
     from . import nce_triton  # noqa: F401  (defines instdisc::nce_probs_triton and its backward)
-    _HAS_TRITON = hasattr(torch.ops.instdisc, "nce_probs_triton")
 except ImportError:
-    _HAS_TRITON = False
+    pass
 
 
-def resolve(backend, device):
-    return _backend.resolve(backend, device, op="NCEAverage", cpp_op="nce_probs", has_triton=_HAS_TRITON)
+def _cpp(features, memory, idx, z, temperature):
+    return torch.ops.instdisc.nce_probs(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(),
+                                        float(temperature))
+
+
+def _cpp_backward(grad_probs, probs, memory, idx, temperature):
+    return torch.ops.instdisc.nce_probs_backward(grad_probs.contiguous(), probs.contiguous(), memory,
+                                                 idx.contiguous(), float(temperature))
+
+
+def _triton(features, memory, idx, z, temperature):
+    return torch.ops.instdisc.nce_probs_triton(features.contiguous(), memory, idx.contiguous(),
+                                               z.reshape(1).float(), float(temperature))
+
+
+def _triton_backward(grad_probs, probs, memory, idx, temperature):
+    return torch.ops.instdisc.nce_probs_backward_triton(grad_probs.contiguous(), probs.contiguous(), memory,
+                                                        idx.contiguous(), float(temperature))
+
+
+def _cpp_loss(features, memory, idx, z, temperature):
+    return torch.ops.instdisc.nce_probs_loss(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(),
+                                             float(temperature))
+
+
+_TRITON = (_triton, _triton_backward) if _backend.op_handle("nce_probs_triton") is not None else None
+TABLE = _backend.OpTable(
+    "NCEAverage",
+    eager=_backend.Impl((probs_eager, probs_backward_eager), "ops/nce_probs.py probs_eager, probs_backward_eager"),
+    cpu=_backend.Impl((_cpp, _cpp_backward), "csrc/cpu/nce.cpp nce_probs_cpu, nce_probs_backward_cpu",
+                      dispatch="nce_probs"),
+    cuda=_backend.Impl((_cpp, _cpp_backward), "csrc/cuda/nce.cu nce_probs_cuda, nce_probs_backward_cuda",
+                       dispatch="nce_probs"),
+    triton=_backend.Impl(_TRITON, "ops/nce_triton.py nce_probs_triton, nce_probs_backward_triton", triton=True),
+)
+# The probabilities together with NCECriterion's loss on them, in one pass (NCEAverage + NCECriterion).
+LOSS_TABLE = _backend.OpTable(
+    "NCEAverage + NCECriterion",
+    eager=_backend.Impl(probs_loss_eager, "ops/nce_probs.py probs_loss_eager"),
+    cpu=_backend.Impl(_cpp_loss, "csrc/cpu/nce.cpp nce_probs_loss_cpu", dispatch="nce_probs_loss"),
+)
 
 
 def nce_probs(features, memory, idx, z, temperature, backend):
-    if backend == "reference":
-        return probs_reference(features, memory, idx, z, temperature)
-    op = torch.ops.instdisc.nce_probs_triton if backend == "triton" else torch.ops.instdisc.nce_probs
-    return op(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(), float(temperature))
+    """(P, Z used) on ``backend`` (a name TABLE.select returned)."""
+    return TABLE[backend][0](features, memory, idx, z, temperature)
 
 
 def nce_probs_backward(grad_probs, probs, memory, idx, temperature, backend):
-    if backend == "reference":
-        return probs_backward_reference(grad_probs, probs, memory, idx, temperature)
-    op = (torch.ops.instdisc.nce_probs_backward_triton if backend == "triton"
-          else torch.ops.instdisc.nce_probs_backward)
-    return op(grad_probs.contiguous(), probs.contiguous(), memory, idx.contiguous(), float(temperature))
+    return TABLE[backend][1](grad_probs, probs, memory, idx, temperature)
 
 
 def has_fused(backend, device):
-    """Whether ``nce_probs_loss`` runs on ``backend`` (resolved) for tensors on ``device``."""
-    if backend == "reference":
-        return True
-    return backend == "cpu" and device.type == "cpu" and _backend.has_kernel("nce_probs_loss", "CPU")
+    """Whether ``nce_probs_loss`` runs on ``backend`` (a name TABLE.select returned) on ``device``."""
+    return LOSS_TABLE.available(backend, device)
 
 
 def nce_probs_loss(features, memory, idx, z, temperature, backend):
     """(P, loss, dloss/dF, dloss/dP, Z used) of NCECriterion(P) with P = nce_probs(...)."""
-    if backend == "reference":
-        return probs_loss_reference(features, memory, idx, z, temperature)
-    return torch.ops.instdisc.nce_probs_loss(features.contiguous(), memory, idx.contiguous(), z.reshape(1).float(),
-                                             float(temperature))
+    return LOSS_TABLE[backend](features, memory, idx, z, temperature)
 
 
 if _backend.extension_loaded() and hasattr(torch.ops.instdisc, "nce_probs_loss"):

@@ -42,17 +42,16 @@ Op contract, shared by every backend::
   to V[y], so they only change the denominator l_tot.
 * proximal: adds lambda/B sum_b ||F[b] - V[y[b]]||^2 and its gradient.
 
-Implementations:
-  "cpu" / "cuda" -> instdisc::nce_shared_forward_chunked: ATen GEMMs over
+Implementations (TABLE below; docs/backends.md):
+  "eager"  -> instdisc::nce_shared_forward_chunked: ATen GEMMs over
       K-chunks of ``chunk_size`` columns (default ops/softmax.default_chunk_size),
       the epilogue per B x chunk tile in preallocated buffers; peak extra
-      memory O(K D + B chunk), never B x K. On CUDA tensors the GEMMs are cuBLAS
-      (no custom CUDA C++ kernel for this op).
-  "triton"    -> instdisc::nce_shared_forward_triton (ops/nce_shared_triton.py).
-  "reference" -> instdisc::nce_shared_forward_reference: eager, the full
-      B x K block with an explicit mask (small problems, cross-checks).
+      memory O(K D + B chunk), never B x K; any device (cuBLAS on CUDA tensors).
+  "triton" -> instdisc::nce_shared_forward_triton (ops/nce_shared_triton.py).
+  No C++ kernel ("cpu", "cuda"). ``forward_full`` below computes the full
+  B x K block with an explicit mask (tests cross-check against it; not a backend).
 
-precision "bf16" (CPU/cuda chunked and Triton): features/T, the gathered rows
+precision "bf16" (the chunked eager path and Triton): features/T, the gathered rows
 and the gradient coefficients are rounded to bfloat16 for the products (fp32
 accumulation; on CPU ATen rounds the product outputs to bf16 too). The
 positive scores, Z combination, exp/log and all sums stay fp32/float64. Bound
@@ -66,7 +65,7 @@ measured errors are far smaller (python_tests/test_nce_shared.py checks both).
 
 Negatives (shared_step): neg_indices (K,) as given, or drawn once per
 call as ``draw_negatives(indices[:1], N, K, generator=generator,
-noise_probs=noise_probs)`` of ops/nce.py viewed as (K,): the reference
+noise_probs=noise_probs)`` of ops/nce.py viewed as (K,): the eager
 backend's per-sample rule for a single row, i.e. torch.randint(0, N, (K,),
 generator=generator) (torch.multinomial(noise_probs, K, replacement=True)
 with noise_probs), on the generator's device. exclude_positive masks instead
@@ -81,7 +80,8 @@ import torch
 from .. import _backend, _validate
 from . import _saved_grad
 from .nce import EPS, LOSS_TYPES, _opmath, draw_negatives, finish_step
-from .softmax import PRECISIONS, _bank_backend, default_chunk_size
+from .bank_update import backend_after_loss
+from .softmax import PRECISIONS, default_chunk_size
 
 LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
 
@@ -174,7 +174,7 @@ def _finish(loss, grad, prox_loss, prox_grad, z_out):
 
 
 # --------------------------------------------------------------------------- #
-# Chunked ATen implementation ("cpu" / "cuda" backends)                        #
+# Chunked ATen implementation ("eager" backend)                                #
 # --------------------------------------------------------------------------- #
 class _Tiles:
     """B x chunk score tiles over the K gathered rows, in buffers allocated once per call."""
@@ -314,9 +314,9 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
 
 
 # --------------------------------------------------------------------------- #
-# Eager implementation ("reference" backend): the full B x K block             #
+# The full B x K block (cross-checks; not a backend)                           #
 # --------------------------------------------------------------------------- #
-def forward_eager(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
+def forward_full(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
                   exclude_positive, noise_probs, precision="fp32", chunk_size=0):
     """(loss, grad, z_out) through the full B x K block (chunk_size is ignored)."""
     acc = _opmath(features.dtype)
@@ -388,35 +388,17 @@ def _fake(features, memory, indices, neg_indices, z, temperature, proximal, loss
 
 
 define_op("instdisc::nce_shared_forward_chunked", forward_chunked)
-define_op("instdisc::nce_shared_forward_reference", forward_eager)
 try:
     from . import nce_shared_triton  # noqa: F401  (defines instdisc::nce_shared_forward_triton)
-    _HAS_TRITON = hasattr(torch.ops.instdisc, "nce_shared_forward_triton")
 except ImportError:
-    _HAS_TRITON = False
+    pass
 
-
-def _forward_op(backend):
-    return {
-        "reference": torch.ops.instdisc.nce_shared_forward_reference,
-        "cpu": torch.ops.instdisc.nce_shared_forward_chunked,
-        "cuda": torch.ops.instdisc.nce_shared_forward_chunked,
-        "triton": getattr(torch.ops.instdisc, "nce_shared_forward_triton", None),
-    }[backend]
-
-
-def resolve_backend(backend, device):
-    """"cpu": chunked ATen on CPU; "cuda": the same on CUDA tensors (cuBLAS); "auto" on CUDA:
-    triton when importable, else "cuda"."""
-    op = "nce_loss(negatives='shared')"
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' is not available for {op} on device {device}: needs CUDA tensors")
-        return "cuda"
-    be = _backend.resolve(backend, device, op=op, has_triton=_HAS_TRITON, cpu_impl=True)
-    if backend == "auto" and be == "reference" and device.type == "cuda":
-        return "cuda"
-    return be
+TABLE = _backend.OpTable(
+    "nce_loss(negatives='shared')",
+    eager=_backend.Impl(torch.ops.instdisc.nce_shared_forward_chunked, "ops/nce_shared.py forward_chunked"),
+    triton=_backend.Impl(_backend.op_handle("nce_shared_forward_triton"),
+                         "ops/nce_shared_triton.py forward_triton", triton=True),
+)
 
 
 # --------------------------------------------------------------------------- #
@@ -460,16 +442,16 @@ def shared_step(features, memory, indices, neg_indices, z_state, z_in, num_negat
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if chunk_size is not None:
         _validate.check_positive_int(chunk_size, "chunk_size")
-    be = resolve_backend(backend, features.device)
+    be = TABLE.select(backend, features.device)
     indices = indices.long().contiguous()
     if neg_indices is None:
         neg_indices = draw_shared_negatives(indices, memory.shape[0], num_negatives, generator=generator,
                                             noise_probs=noise_probs)
-    loss, grad, z_out = _forward_op(be)(
+    loss, grad, z_out = TABLE[be](
         features.contiguous(), memory, indices, neg_indices, z_in, float(temperature), float(proximal),
         LOSS_TYPES[loss_type], float(z_ema or 0.0), bool(exclude_positive), noise_probs, precision,
         int(chunk_size or 0))
     # the same checks, Z store and update as per-sample nce_loss
     finish_step(features, memory, indices, (indices, neg_indices), loss, grad, z_out, z_state, loss_type,
-                temperature, momentum, validate, update_memory, _bank_backend(be, features.device))
+                temperature, momentum, validate, update_memory, backend_after_loss(backend, features.device))
     return loss

@@ -28,13 +28,14 @@ autograd; noisy machine, not a benchmark): N = 1,281,167: eager 3.45 s,
 fp32 0.99 s, bf16 0.42 s; N = 50,000: eager ~430 ms, fp32 ~280 ms, bf16 ~63 ms.
 Peak tensor memory: eager 3.75 GB (146 MB at N = 50,000), chunked 2.25 MB.
 
-Implementations:
-  "cpu"       -> instdisc::softmax_forward_chunked: the recurrence above with
-                 ATen matmuls (oneDNN; bf16 products use AVX512-BF16/AMX when
-                 the CPU has them); any device, selected on CPU tensors.
-  "triton"    -> instdisc::softmax_forward_triton (ops/softmax_triton.py).
-  "reference" -> instdisc::softmax_forward_reference: plain eager, builds the
-                 full B x N logits (small problems, cross-checks).
+Implementations (TABLE below; docs/backends.md):
+  "eager"  -> instdisc::softmax_forward_chunked: the recurrence above with
+              ATen matmuls (oneDNN on CPU, bf16 products use AVX512-BF16/AMX when
+              the CPU has them; cuBLAS on CUDA); any device. "auto" picks it on
+              CPU and on CUDA without Triton.
+  "triton" -> instdisc::softmax_forward_triton (ops/softmax_triton.py).
+  No C++ kernel ("cpu", "cuda"). ``forward_full`` below builds the full B x N
+  logits the way plain eager code does (tests cross-check against it; not a backend).
 
 precision (the chunk products; every reduction, exp and sum stays fp32):
   "fp32": products in fp32 (fp64 for float64 features). CPU: exact fp32
@@ -97,7 +98,7 @@ def bf16_error_bound(features, memory, temperature):
 
 
 # --------------------------------------------------------------------------- #
-# Chunked ATen implementation ("cpu" backend)                                  #
+# Chunked ATen implementation ("eager" backend)                                #
 # --------------------------------------------------------------------------- #
 def forward_chunked(features, memory, indices, temperature, precision="fp32", chunk_size=0):
     """(loss, grad_features): one streaming pass with an online log-sum-exp.
@@ -162,9 +163,9 @@ def forward_chunked(features, memory, indices, temperature, precision="fp32", ch
 
 
 # --------------------------------------------------------------------------- #
-# Plain eager implementation ("reference" backend)                             #
+# The full B x N logits (cross-checks; not a backend)                          #
 # --------------------------------------------------------------------------- #
-def forward_eager(features, memory, indices, temperature, precision="fp32"):
+def forward_full(features, memory, indices, temperature, precision="fp32"):
     """(loss, grad_features) through the full B x N logits, the way eager code does it."""
     acc = _opmath(features.dtype)
     cd = torch.bfloat16 if precision == "bf16" else acc
@@ -187,13 +188,6 @@ def softmax_forward_chunked(features: torch.Tensor, memory: torch.Tensor, indice
     return forward_chunked(features, memory, indices, temperature, precision, chunk_size)
 
 
-@torch.library.custom_op("instdisc::softmax_forward_reference", mutates_args=())
-def softmax_forward_reference(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor,
-                              temperature: float, precision: str, chunk_size: int
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward_eager(features, memory, indices, temperature, precision)
-
-
 def _forward_fake(features, memory, indices, temperature, precision, chunk_size):
     acc = _opmath(features.dtype)
     return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
@@ -204,40 +198,24 @@ def _register(opname):
 
 
 _register("instdisc::softmax_forward_chunked")
-_register("instdisc::softmax_forward_reference")
 try:
     from . import softmax_triton  # noqa: F401  (defines instdisc::softmax_forward_triton)
-    _HAS_TRITON = hasattr(torch.ops.instdisc, "softmax_forward_triton")
 except ImportError:
-    _HAS_TRITON = False
-if _HAS_TRITON:
+    pass
+if _backend.op_handle("softmax_forward_triton") is not None:
     _register("instdisc::softmax_forward_triton")
 
-
-def _forward_op(backend):
-    return {
-        "reference": torch.ops.instdisc.softmax_forward_reference,
-        "cpu": torch.ops.instdisc.softmax_forward_chunked,
-        "triton": getattr(torch.ops.instdisc, "softmax_forward_triton", None),
-    }[backend]
+TABLE = _backend.OpTable(
+    "nonparametric_softmax_loss",
+    eager=_backend.Impl(torch.ops.instdisc.softmax_forward_chunked, "ops/softmax.py forward_chunked"),
+    triton=_backend.Impl(_backend.op_handle("softmax_forward_triton"), "ops/softmax_triton.py forward_triton",
+                         triton=True),
+)
 
 
 def resolve_backend(backend, device):
-    if backend == "cuda":
-        raise ValueError("backend='cuda' is not available for nonparametric_softmax_loss "
-                         "(no CUDA C++ kernel): use 'triton' or 'auto'")
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    return _backend.resolve(backend, device, op="nonparametric_softmax_loss", has_triton=_HAS_TRITON,
-                            cpu_impl=True)
-
-
-def _bank_backend(be: str, dev: torch.device) -> str:
-    """The bank update runs on the same backend when it has one, else on bank_update_'s "auto" choice."""
-    kw = dict(cpp_op="bank_update_", has_triton=_bank_update_mod._HAS_TRITON)
-    if _backend.available(be, dev, **kw):
-        return be
-    return _backend.resolve("auto", dev, op="bank_update_", **kw)
+    """TABLE.select for the softmax (kept for the trainer, which imports it)."""
+    return TABLE.select(backend, device)
 
 
 def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, momentum=0.5,
@@ -253,11 +231,12 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
         temperature, momentum: T and m of SPEC 1.2/1.1.
         validate: check index ranges and NaN/inf, and that loss and gradient are finite
             before the update (a NaN/inf bank row is named); a GPU synchronisation.
-        backend: "auto" | "cpu" (chunked ATen) | "triton" | "reference" (eager B x N).
+        backend: "auto" | "eager" (the chunked ATen pass, any device) | "triton" (docs/backends.md;
+            "reference": deprecated spelling of "eager"; "cpu"/"cuda": no such kernel, an error).
         precision: "fp32" or "bf16" chunk products (fp32 accumulation; bf16 error
             bound in the module docstring).
-        chunk_size: bank rows per chunk (None: default_chunk_size on "cpu",
-            the kernel's own tiling on "triton"; ignored by "reference").
+        chunk_size: bank rows per chunk (None: default_chunk_size on "eager",
+            the kernel's own tiling on "triton").
     Returns:
         0-dim loss tensor (float32; float64 for float64 features).
     """
@@ -270,13 +249,14 @@ def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, m
         _validate.check_positive_int(chunk_size, "chunk_size")
     if update_memory and not memory.is_contiguous():
         raise ValueError("memory must be contiguous (it is updated in place)")
-    be = resolve_backend(backend, features.device)
+    be = TABLE.select(backend, features.device)
     indices = indices.long().contiguous()
-    loss, grad = _forward_op(be)(features.contiguous(), memory, indices, float(temperature), precision,
+    loss, grad = TABLE[be](features.contiguous(), memory, indices, float(temperature), precision,
                                  int(chunk_size or 0))
     if validate:   # every bank row is read: a NaN/inf one makes loss or gradient non-finite
         _validate.check_loss_result("nonparametric_softmax_loss", memory, loss, grad, temperature=temperature)
     if update_memory:
         _bank_update_mod.bank_update_(memory, indices, features.detach(), momentum,
-                                      backend=_bank_backend(be, features.device), validate=False)
+                                      backend=_bank_update_mod.backend_after_loss(backend, features.device),
+                                      validate=False)
     return loss
