@@ -4,7 +4,7 @@ their backward dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] (SPEC 1.1, 5).
 Used by the drop-in modules (instdisc_kernels/lemniscate/), which must
 return the B x (K+1) probabilities. Implementations: "cpu"/"cuda" ->
 torch.ops.instdisc.nce_probs / nce_probs_backward (C++), "triton" ->
-*_triton variants when ops/nce_triton.py defines them, "reference" -> eager.
+*_triton variants of ops/nce_probs_triton.py, "reference" -> eager.
 
 ``nce_probs_loss`` also returns lemniscate's NCECriterion on P (Pn = 1/N, K =
 idx.size(1) - 1): its loss, dloss/dF and dloss/dP, from the same pass over the gathered
@@ -50,7 +50,7 @@ def probs_backward_reference(grad_probs, probs, memory, idx, temperature):
 
 
 try:
-    from . import nce_triton  # noqa: F401  (defines instdisc::nce_probs_triton and its backward)
+    from . import nce_probs_triton  # noqa: F401  (defines instdisc::nce_probs_triton and its backward)
     _HAS_TRITON = hasattr(torch.ops.instdisc, "nce_probs_triton")
 except ImportError:
     _HAS_TRITON = False
