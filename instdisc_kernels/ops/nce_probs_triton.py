@@ -55,7 +55,7 @@ def _probs_kernel(feat_ptr, mem_ptr, idx_ptr, z_ptr, p_ptr, esum_ptr, D, stride_
         offs_k = k0 + tl.arange(0, BLOCK_K)
         kmask = offs_k < k_end
         idx = tl.load(idx_ptr + b.to(tl.int64) * K1 + offs_k, mask=kmask, other=0)
-        rows, s = _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask)
+        _rows, s = _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask)
         e = tl.where(kmask, tl.exp(s * inv_T), 0.0)
         total += tl.sum(e, axis=0)
         tl.store(p_ptr + b.to(tl.int64) * K1 + offs_k, e * inv_z, mask=kmask)
@@ -134,7 +134,7 @@ def nce_probs_triton(features: torch.Tensor, memory: torch.Tensor, idx: torch.Te
     ix = idx.to(torch.int64).contiguous()
     z_in = z.reshape(1).to(torch.float32)
     block_k, block_d, split, chunk, num_warps = _launch_params(B, K1, D, mem.dtype, dev)
-    f32 = dict(dtype=torch.float32, device=dev)
+    f32 = {"dtype": torch.float32, "device": dev}
     probs = torch.empty(B, K1, **f32)
     esum = torch.empty(B * split, **f32)
     zbuf = torch.empty(1, **f32)
