@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from instdisc_kernels import _backend
-from instdisc_kernels import lemniscate  # noqa: F401  (registers the NCEAverage ops)
+from instdisc_kernels import (
+    _backend,
+    lemniscate,  # noqa: F401  (registers the NCEAverage ops)
+)
 from instdisc_kernels.ops import bank_update, knn, nce, nce_probs, nce_shared, softmax  # noqa: F401  (register the ops)
 
 if not _backend.extension_loaded():
