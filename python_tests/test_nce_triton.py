@@ -161,25 +161,25 @@ def test_op_rejects_bad_shapes():
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("exclude", [False, True])
 @pytest.mark.parametrize("loss_type", [0, 1])
-def test_in_kernel_draws_are_the_sampled_negatives(exclude, loss_type):
+def test_in_kernel_draws_are_the_sampled_negatives(exclude, loss_type, triton_negatives):
     feats, mem, y, _ = _data(3, 50, 100, 40, seed=4)
     seed = torch.tensor([2**61 + 12345], device=DEV)
-    neg = nce_triton.sample_negatives(y, 40, 50, seed, exclude_positive=exclude)
+    neg = triton_negatives(y, 40, 50, seed, exclude_positive=exclude)
     out = OPS.nce_forward_triton(feats, mem, y, None, torch.zeros(1, device=DEV), seed, 50, 0.07, 0.0, loss_type,
                                  0.0, exclude, None)
     _assert_matches(out, _oracle(feats, mem, y, neg, 0.07, loss_type=loss_type), feats)
 
 
-def test_in_kernel_draws_depend_on_seed_only():
+def test_in_kernel_draws_depend_on_seed_only(triton_negatives):
     feats, mem, y, _ = _data(3, 20, 64, 1000, seed=6)
     a = _run(feats, mem, y, None, 0.07, K=20, seed=5)
     b = _run(feats, mem, y, None, 0.07, K=20, seed=5)
     c = _run(feats, mem, y, None, 0.07, K=20, seed=6)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
-    s5 = nce_triton.sample_negatives(y, 1000, 20, torch.tensor([5], device=DEV))
-    assert torch.equal(s5, nce_triton.sample_negatives(y, 1000, 20, torch.tensor([5], device=DEV)))
-    assert (s5 != nce_triton.sample_negatives(y, 1000, 20, torch.tensor([6], device=DEV))).float().mean() > 0.9
+    s5 = triton_negatives(y, 1000, 20, torch.tensor([5], device=DEV))
+    assert torch.equal(s5, triton_negatives(y, 1000, 20, torch.tensor([5], device=DEV)))
+    assert (s5 != triton_negatives(y, 1000, 20, torch.tensor([6], device=DEV))).float().mean() > 0.9
 
 
 def _chi2_pvalue(counts):
@@ -190,27 +190,27 @@ def _chi2_pvalue(counts):
     return chi2.sf(stat, counts.numel() - 1)
 
 
-def test_in_kernel_draws_are_uniform():
+def test_in_kernel_draws_are_uniform(triton_negatives):
     N, K = 50, 2000
     y = torch.tensor([0, 17, 49], device=DEV)
-    draws = nce_triton.sample_negatives(y, N, K, torch.tensor([99], device=DEV)).cpu()
+    draws = triton_negatives(y, N, K, torch.tensor([99], device=DEV)).cpu()
     assert draws.min() >= 0 and draws.max() < N
     assert _chi2_pvalue(torch.bincount(draws.flatten(), minlength=N)) > 1e-4
     # exclude_positive: never the positive, uniform over the N - 1 others
-    ex = nce_triton.sample_negatives(y, N, K, torch.tensor([99], device=DEV), exclude_positive=True).cpu()
+    ex = triton_negatives(y, N, K, torch.tensor([99], device=DEV), exclude_positive=True).cpu()
     for b in range(3):
         assert not (ex[b] == y[b].item()).any()
         counts = torch.bincount(ex[b], minlength=N)
         assert _chi2_pvalue(torch.cat([counts[:y[b]], counts[y[b] + 1:]])) > 1e-4
     # a bank too small to miss: N = 2 with exclusion always draws the other row
-    two = nce_triton.sample_negatives(torch.tensor([0, 1], device=DEV), 2, 64, torch.tensor([3], device=DEV), True)
+    two = triton_negatives(torch.tensor([0, 1], device=DEV), 2, 64, torch.tensor([3], device=DEV), True)
     assert torch.equal(two.cpu(), torch.tensor([[1] * 64, [0] * 64]))
 
 
-def test_in_kernel_draws_cover_large_banks():
+def test_in_kernel_draws_cover_large_banks(triton_negatives):
     """64-bit mapping: N > 2^32 rows (only the draws; no bank is allocated)."""
     N = 3 * 2**32 + 5
-    d = nce_triton.sample_negatives(torch.tensor([0], device=DEV), N, 4096, torch.tensor([1], device=DEV)).cpu()
+    d = triton_negatives(torch.tensor([0], device=DEV), N, 4096, torch.tensor([1], device=DEV)).cpu()
     assert d.min() >= 0 and d.max() < N
     assert (d >= 2**32).float().mean() > 0.6                     # about 2/3 of the draws lie above 2^32
     assert abs(d.double().mean().item() / N - 0.5) < 0.03

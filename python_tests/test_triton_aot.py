@@ -33,7 +33,7 @@ import tempfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = ("nce_triton", "bank_update_triton", "softmax_triton", "nce_shared_triton")
+MODULES = ("nce_triton", "nce_probs_triton", "bank_update_triton", "softmax_triton", "nce_shared_triton")
 TARGET = ("cuda", 90, 32)
 SM_COUNT = 132                      # H100 SXM and H200
 B, D, K = 256, 128, 4096
@@ -147,7 +147,7 @@ def _shared_scenarios(sh, banks, feats, y, g, torch):
     return out
 
 
-def _scenarios(nt, bt, st, torch, sh=None):
+def _scenarios(nt, pt, bt, st, torch, sh=None):
     """(name, thunk) pairs; each thunk calls one launcher with realistic inputs."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, N, (B,), generator=g)
@@ -185,13 +185,10 @@ def _scenarios(nt, bt, st, torch, sh=None):
     idx = torch.cat([y[:, None], neg], 1)
     probs = torch.rand(B, K + 1, generator=g)
     for bank in banks:
-        out.append((f"probs-{bank}", lambda bank=bank: nt.nce_probs_triton(feats["fp32"], banks[bank], idx,
+        out.append((f"probs-{bank}", lambda bank=bank: pt.nce_probs_triton(feats["fp32"], banks[bank], idx,
                                                                            z_first, TEMPERATURE)))
-        out.append((f"probs-bwd-{bank}", lambda bank=bank: nt.nce_probs_backward_triton(
+        out.append((f"probs-bwd-{bank}", lambda bank=bank: pt.nce_probs_backward_triton(
             probs, probs, banks[bank], idx, TEMPERATURE)))
-    for exclude in (False, True):
-        out.append((f"sample-exclude{int(exclude)}",
-                    lambda exclude=exclude: nt.sample_negatives(y, N, K, seed, exclude)))
 
     for bank in banks:
         for feat in ("fp32", bank):
@@ -322,10 +319,11 @@ def _main(out_path):
     import torch
 
     from instdisc_kernels.ops import bank_update_triton as bt
+    from instdisc_kernels.ops import nce_probs_triton as pt
     from instdisc_kernels.ops import nce_triton as nt
     from instdisc_kernels.ops import softmax_triton as st
     from instdisc_kernels.ops import nce_shared_triton as sh
-    mods = {"nce_triton": nt, "bank_update_triton": bt, "softmax_triton": st, "nce_shared_triton": sh}
+    mods = {"nce_triton": nt, "nce_probs_triton": pt, "bank_update_triton": bt, "softmax_triton": st, "nce_shared_triton": sh}
 
     # kernels: module-level JITFunctions that no other JITFunction of the module calls
     kernels = {}
@@ -357,14 +355,15 @@ def _main(out_path):
     for key, (mod, n, _f) in kernels.items():
         patch(mod, n, Recorder(key))
     patch(torch.cuda, "get_device_properties", lambda *a, **k: types.SimpleNamespace(multi_processor_count=SM_COUNT))
-    for mod in (nt, st):
+    for mod in (nt, pt, st):
         orig = mod._launch_params
         patch(mod, "_launch_params", lambda *a, _orig=orig: _orig(*a[:-1], cuda))
-    patch(nt, "_check_device", lambda t: None)
+    for mod in (nt, pt):
+        patch(mod, "_check_device", lambda t: None)
     assert not st.triton_interpreting()
     cases = {}
     try:
-        for scen, thunk in _scenarios(nt, bt, st, torch, sh):
+        for scen, thunk in _scenarios(nt, pt, bt, st, torch, sh):
             del records[:]
             thunk()
             for key, args, kwargs in records:

@@ -77,4 +77,5 @@ class NCECriterion(nn.Module):
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
         if x.dim() != 2 or x.shape[1] < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be the (B, K+1) output of NCEAverage, got shape {tuple(x.shape)}")
-        return _Criterion.apply(x, self.nLem, fused_node(x, self.nLem) if x.requires_grad else None)
+        fused = x.requires_grad and not torch.compiler.is_compiling()   # no fusion in a traced graph
+        return _Criterion.apply(x, self.nLem, fused_node(x, self.nLem) if fused else None)

@@ -6,6 +6,8 @@ When ``NCECriterion`` is applied directly to the output (the lemniscate script's
 ``criterion(out, index)``) on the "cpu" or "eager" backend, the forward also
 computes the criterion's loss and dloss/dx in the same pass over the gathered
 rows, and the backward uses them instead of reading the rows a second time.
+While torch.compile traces ``forward``, it takes the custom-op path of
+_nce_average_ops.py instead (fullgraph-traceable; docs/lemniscate.md).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from .. import _backend, _validate
 from ..ops import nce_probs as _probs
 from ..ops.bank_update import backend_after_loss
-from . import _args
+from . import _args, _nce_average_ops
 from ._bank_log import LoggedBankModule, nce_correction_
 
 
@@ -148,6 +150,8 @@ class NCEAverage(LoggedBankModule):
             idx = idx.long().clone()
         idx[:, 0] = y
         backend = _probs.TABLE.select(self.backend, x.device)
+        if torch.compiler.is_compiling():     # traceable custom ops (see _nce_average_ops.py)
+            return _nce_average_ops.traced_forward(x, y.long(), self.memory, idx, self.params, backend)
         fused = (torch.is_grad_enabled() and x.requires_grad and _probs.has_fused(backend, x.device))
         backends = (backend, backend_after_loss(self.backend, x.device))
         return _NCEFunction.apply(x, y.long(), self.memory, idx, self.params, backends, self._bank_log, fused)

@@ -22,7 +22,8 @@ Op contract, shared by every backend (schema in csrc/instdisc.cpp)::
   (the cpu kernel raises a ValueError naming the row itself); nce_loss checks
   the outputs and names the row before the update.
 * neg_indices None: negatives drawn uniformly with replacement from [0, N)
-  (from [0, N) minus the positive when exclude_positive) with Philox(seed).
+  (from [0, N) minus the positive when exclude_positive) with Philox(seed), the same
+  stream on the cpu, cuda and triton backends (docs/negatives.md).
 * noise_probs: Pn per index (defaults to 1/N) in the NCE terms.
 * proximal: adds lambda/B * sum_b ||F[b] - V[y[b]]||^2 (and its gradient).
 * The memory bank is only read; the update is the separate op bank_update_.

@@ -49,7 +49,7 @@ def probs_backward_eager(grad_probs, probs, memory, idx, temperature):
 
 
 try:
-    from . import nce_triton  # noqa: F401  (defines instdisc::nce_probs_triton and its backward)
+    from . import nce_probs_triton  # noqa: F401  (defines instdisc::nce_probs_triton and its backward)
 except ImportError:
     pass
 
@@ -87,7 +87,7 @@ TABLE = _backend.OpTable(
                       dispatch="nce_probs"),
     cuda=_backend.Impl((_cpp, _cpp_backward), "csrc/cuda/nce.cu nce_probs_cuda, nce_probs_backward_cuda",
                        dispatch="nce_probs"),
-    triton=_backend.Impl(_TRITON, "ops/nce_triton.py nce_probs_triton, nce_probs_backward_triton", triton=True),
+    triton=_backend.Impl(_TRITON, "ops/nce_probs_triton.py nce_probs_triton, nce_probs_backward_triton", triton=True),
 )
 # The probabilities together with NCECriterion's loss on them, in one pass (NCEAverage + NCECriterion).
 LOSS_TABLE = _backend.OpTable(
@@ -116,11 +116,26 @@ def nce_probs_loss(features, memory, idx, z, temperature, backend):
     return LOSS_TABLE[backend](features, memory, idx, z, temperature)
 
 
-if _backend.extension_loaded() and hasattr(torch.ops.instdisc, "nce_probs_loss"):
-    @torch.library.register_fake("instdisc::nce_probs_loss")
-    def _(features, memory, idx, z, temperature):
-        acc = _opmath(features.dtype)
-        B, K1 = idx.shape
-        return (features.new_empty((B, K1), dtype=acc), features.new_empty((), dtype=acc),
-                features.new_empty(features.shape, dtype=acc), features.new_empty((B, K1), dtype=acc),
-                features.new_empty((1,), dtype=torch.float32))
+# Fake (meta) kernels of the C++ ops (schemas in csrc/instdisc.cpp), for torch.compile / opcheck:
+# outputs in the opmath dtype of the features (float64 for float64 features, else float32), Z float32.
+def _probs_fake(features, memory, idx, z, temperature):
+    return (features.new_empty((features.shape[0], idx.shape[1]), dtype=_opmath(features.dtype)),
+            features.new_empty((1,), dtype=torch.float32))
+
+
+def _probs_backward_fake(grad_probs, probs, memory, idx, temperature):
+    return probs.new_empty((probs.shape[0], memory.shape[1]))
+
+
+def _probs_loss_fake(features, memory, idx, z, temperature):
+    acc = _opmath(features.dtype)
+    B, K1 = idx.shape
+    return (features.new_empty((B, K1), dtype=acc), features.new_empty((), dtype=acc),
+            features.new_empty(features.shape, dtype=acc), features.new_empty((B, K1), dtype=acc),
+            features.new_empty((1,), dtype=torch.float32))
+
+
+for _name, _fake in (("nce_probs", _probs_fake), ("nce_probs_backward", _probs_backward_fake),
+                     ("nce_probs_loss", _probs_loss_fake)):
+    if _backend.extension_loaded() and hasattr(torch.ops.instdisc, _name):
+        torch.library.register_fake(f"instdisc::{_name}")(_fake)

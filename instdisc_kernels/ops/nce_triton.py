@@ -1,5 +1,7 @@
-"""Triton kernels of the fused sampled-negative NCE / InfoNCE op (SPEC 1.1) and of
-lemniscate's NCEAverage probabilities (forward and backward).
+"""Triton kernels of the fused sampled-negative NCE / InfoNCE op (SPEC 1.1),
+``instdisc::nce_forward_triton`` (used by ``nce_loss``). lemniscate's NCEAverage
+probabilities have their own file, ops/nce_probs_triton.py, which reuses the
+launch helpers and ``_gather_dot`` of this one.
 
 Memory traffic. One training step reads B*(K+1)*D*elem_size bytes of gathered
 bank rows (+ B*D feature values and B*(K+1) int64 indices when neg_indices is
@@ -33,25 +35,24 @@ of batch row b, in tiles of BLOCK_K rows x BLOCK_D columns):
 * ``_combine_kernel`` one program per row: merges the SPLIT partials in a fixed
   order (deterministic), adds the proximal term; the loss is then the torch sum
   of B per-row values (deterministic too).
-* ``_probs_kernel`` / ``_scale_kernel`` / ``_probs_bwd_kernel``: NCEAverage's P and
-  its backward.
 
-Negatives drawn in-kernel (neg_indices None): Philox4x32-10 keyed by the seed
-tensor, which is loaded inside the kernel (tl.philox accepts a tensor seed, so
-there is no host synchronisation), with the 32-bit counter words (k - 1, b, 0, 0)
-for column k of batch row b (distinct streams for K, B < 2^32). Two of the four
-32-bit outputs form a 64-bit integer r and the draw is r mod N (r mod (N - 1)
-with exclude_positive, then values >= y[b] shift up by one): the modulo bias
-is below N / 2^64, i.e. nil for any bank that fits in memory. The draws are
-not the ones torch.randint makes from the same generator (the reference
-backend draws with torch.randint); they are reproducible for a given seed.
-The same inline function ``_draw_negatives`` is used by every kernel and by
-``_sample_kernel`` (exposed through ``sample_negatives`` for tests).
+Negatives drawn in-kernel (neg_indices None): the stream every backend shares
+(csrc/philox.h, docs/negatives.md), so that one seed draws the same negatives
+with the cpu, cuda and triton kernels. Philox4x32-10 keyed by the 64-bit seed
+(low word k0, high word k1), loaded from the seed tensor inside the kernel
+(tl.philox takes a tensor seed: no host synchronisation). Negative j (column
+j + 1) of batch row b uses the counter (j >> 1 as 64 bits, b as 64 bits) and
+the 64-bit word out[0] | out[1] << 32 when j is even, out[2] | out[3] << 32
+when odd; the word r maps to [0, M) as floor(r * M / 2^64) (tl.umulhi), M = N,
+or N - 1 with exclude_positive, in which case values >= y[b] shift up by one.
+The draws are not the ones torch.randint makes from the same generator (the
+eager backend draws with torch.randint); they are reproducible for a given
+seed. Every kernel draws through the one inline function ``_draw_negatives``.
 
 Precision: bank rows and features are converted to fp32 right after loading
 and everything is accumulated in fp32, also for float64 features (loss and
 grad are returned as float64 then, but are only fp32-accurate; gradcheck in
-float64 is done on the reference/cpu backends). Scalars (T, lambda, z_ema) are
+float64 is done on the eager/cpu backends). Scalars (T, lambda, z_ema) are
 passed as fp32 kernel arguments.
 """
 from __future__ import annotations
@@ -71,17 +72,22 @@ from .. import _backend
 
 @triton.jit
 def _draw_negatives(seed, b, offs_k, N, y, EXCLUDE: tl.constexpr):
-    """int64 negatives for columns offs_k (1..K; negative number offs_k - 1) of batch row b."""
-    c0 = (offs_k - 1).to(tl.uint32)
-    c1 = (offs_k * 0 + b).to(tl.uint32)
-    zero = c0 * 0
-    r0, r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
-    r = (r0.to(tl.uint64) << 32) | r1.to(tl.uint64)
+    """int64 negatives for columns offs_k (1..K; negative j = offs_k - 1) of batch row b: the
+    stream of csrc/philox.h (see the module docstring)."""
+    j = (offs_k - 1).to(tl.int64)
+    blk = (j >> 1).to(tl.uint64)
+    row = (offs_k * 0 + b).to(tl.uint64)
+    o0, o1, o2, o3 = tl.philox(seed, blk.to(tl.uint32), (blk >> 32).to(tl.uint32), row.to(tl.uint32),
+                               (row >> 32).to(tl.uint32))
+    odd = (j & 1) == 1
+    r = (tl.where(odd, o3, o1).to(tl.uint64) << 32) | tl.where(odd, o2, o0).to(tl.uint64)
     if EXCLUDE:
-        v = (r % (N - 1).to(tl.uint64)).to(tl.int64)
-        v = v + (v >= y).to(tl.int64)
+        m = (offs_k * 0 + N - 1).to(tl.uint64)
     else:
-        v = (r % N.to(tl.uint64)).to(tl.int64)
+        m = (offs_k * 0 + N).to(tl.uint64)
+    v = tl.umulhi(r, m).to(tl.int64)                  # floor(r * m / 2^64)
+    if EXCLUDE:
+        v = v + (v >= y).to(tl.int64)
     return v
 
 
@@ -106,15 +112,6 @@ def _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask):
 # --------------------------------------------------------------------------- #
 # Kernels                                                                      #
 # --------------------------------------------------------------------------- #
-
-
-@triton.jit(do_not_specialize=["N"])
-def _sample_kernel(out_ptr, seed_ptr, y_ptr, N, K, EXCLUDE: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(0)
-    offs_k = 1 + tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    y = tl.load(y_ptr + b)
-    v = _draw_negatives(tl.load(seed_ptr), b, offs_k, N, y, EXCLUDE)
-    tl.store(out_ptr + b.to(tl.int64) * K + (offs_k - 1), v, mask=offs_k <= K)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -177,22 +174,6 @@ def _log_z_kernel(esum_ptr, emax_ptr, z_ptr, zbuf_ptr, NP, log_scale, z_ema, ALW
     lz = tl.where(z <= 0, log_est, lz)
     tl.store(zbuf_ptr, tl.exp(lz))
     tl.store(zbuf_ptr + 1, lz)
-
-
-@triton.jit
-def _z_kernel(esum_ptr, z_ptr, zbuf_ptr, NP, scale, z_ema, ALWAYS: tl.constexpr, BLOCK: tl.constexpr):
-    """Z = N * mean exp(s/T) (= scale * sum of the partials) when z <= 0; EMA or z otherwise."""
-    total = 0.0
-    for start in range(0, NP, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        total += tl.sum(tl.load(esum_ptr + offs, mask=offs < NP, other=0.0), axis=0)
-    est = total * scale
-    z = tl.load(z_ptr)
-    if ALWAYS:
-        zk = z_ema * z + (1.0 - z_ema) * est
-    else:
-        zk = z
-    tl.store(zbuf_ptr, tl.where(z <= 0, est, zk))
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -313,64 +294,6 @@ def _combine_kernel(part_a_ptr, part_m_ptr, part_g_ptr, feat_ptr, mem_ptr, y_ptr
     tl.store(grad_ptr + b.to(tl.int64) * D + offs_d, grad, mask=dmask)
 
 
-@triton.jit
-def _probs_kernel(feat_ptr, mem_ptr, idx_ptr, z_ptr, p_ptr, esum_ptr, D, stride_m, K1, CHUNK, SPLIT, inv_T,
-                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """P = exp(s/T) / z when z > 0, else exp(s/T) (divided by the estimate in _scale_kernel)."""
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    k_start = j * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, K1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr)
-    inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 1.0)
-    total = 0.0
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < k_end
-        idx = tl.load(idx_ptr + b.to(tl.int64) * K1 + offs_k, mask=kmask, other=0)
-        rows, s = _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask)
-        e = tl.where(kmask, tl.exp(s * inv_T), 0.0)
-        total += tl.sum(e, axis=0)
-        tl.store(p_ptr + b.to(tl.int64) * K1 + offs_k, e * inv_z, mask=kmask)
-    tl.store(esum_ptr + b * SPLIT + j, total)
-
-
-@triton.jit
-def _scale_kernel(p_ptr, z_ptr, zbuf_ptr, numel, BLOCK: tl.constexpr):
-    """P /= Z only when Z was estimated (z <= 0); with a fixed z it touches nothing."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.where(tl.load(z_ptr) <= 0, numel, 0)
-    e = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    tl.store(p_ptr + offs, e / tl.load(zbuf_ptr), mask=mask)
-
-
-@triton.jit
-def _probs_bwd_kernel(gp_ptr, p_ptr, mem_ptr, idx_ptr, part_g_ptr, D, stride_m, K1, CHUNK, SPLIT, inv_T,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] over this program's columns."""
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    k_start = j * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, K1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < k_end
-        off = b.to(tl.int64) * K1 + offs_k
-        idx = tl.load(idx_ptr + off, mask=kmask, other=0)
-        coef = (tl.load(gp_ptr + off, mask=kmask, other=0.0).to(tl.float32)
-                * tl.load(p_ptr + off, mask=kmask, other=0.0).to(tl.float32) * inv_T)
-        rows = tl.load(mem_ptr + idx.to(tl.int64)[:, None] * stride_m + offs_d[None, :],
-                       mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(coef[:, None] * rows, axis=0)
-    tl.store(part_g_ptr + (b * SPLIT + j).to(tl.int64) * D + offs_d, acc, mask=dmask)
-
-
 # --------------------------------------------------------------------------- #
 # Launch parameters                                                            #
 # --------------------------------------------------------------------------- #
@@ -423,19 +346,6 @@ def _row_stride(memory):
 # --------------------------------------------------------------------------- #
 # Ops                                                                          #
 # --------------------------------------------------------------------------- #
-def sample_negatives(indices: torch.Tensor, num_samples: int, num_negatives: int, seed: torch.Tensor,
-                     exclude_positive: bool = False) -> torch.Tensor:
-    """(B, K) int64: exactly the negatives nce_forward_triton draws in-kernel for this seed."""
-    _check_device(indices)
-    B = indices.shape[0]
-    out = torch.empty(B, num_negatives, dtype=torch.int64, device=indices.device)
-    block_k = min(1024, max(16, triton.next_power_of_2(num_negatives)))
-    _sample_kernel[(B, triton.cdiv(num_negatives, block_k))](
-        out, seed.reshape(1).to(torch.int64), indices.long().contiguous(), num_samples, num_negatives,
-        EXCLUDE=bool(exclude_positive), BLOCK_K=block_k)
-    return out
-
-
 @torch.library.custom_op("instdisc::nce_forward_triton", mutates_args=())
 def nce_forward_triton(
     features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, neg_indices: torch.Tensor | None,
@@ -509,71 +419,3 @@ def nce_forward_triton(
     if features.dtype == torch.float64:
         loss, grad = loss.double(), grad.double()
     return loss, grad, z_out
-
-
-@torch.library.custom_op("instdisc::nce_probs_triton", mutates_args=())
-def nce_probs_triton(features: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, z: torch.Tensor,
-                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_2d_float("features", features)
-    _check_2d_float("memory", memory)
-    _check_device(features)
-    B, D = features.shape
-    if memory.shape[1] != D:
-        raise ValueError(f"memory has dim {memory.shape[1]} but features have dim {D}")
-    if idx.dim() != 2 or idx.shape[0] != B or idx.shape[1] < 1:
-        raise ValueError(f"idx must have shape ({B}, K+1), got {tuple(idx.shape)}")
-    if z.numel() != 1:
-        raise ValueError(f"z must have one element, got shape {tuple(z.shape)}")
-    dev = features.device
-    K1 = idx.shape[1]
-    N = memory.shape[0]
-    mem = _row_stride(memory)
-    ix = idx.to(torch.int64).contiguous()
-    z_in = z.reshape(1).to(torch.float32)
-    block_k, block_d, split, chunk, num_warps = _launch_params(B, K1, D, mem.dtype, dev)
-    f32 = dict(dtype=torch.float32, device=dev)
-    probs = torch.empty(B, K1, **f32)
-    esum = torch.empty(B * split, **f32)
-    zbuf = torch.empty(1, **f32)
-    _probs_kernel[(B, split)](features.contiguous(), mem, ix, z_in, probs, esum, D, mem.stride(0), K1, chunk,
-                              split, 1.0 / temperature, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
-    _z_kernel[(1,)](esum, z_in, zbuf, B * split, N / (B * K1), 0.0, ALWAYS=False,
-                    BLOCK=min(1024, max(16, triton.next_power_of_2(B * split))))
-    block = 1024
-    _scale_kernel[(triton.cdiv(B * K1, block),)](probs, z_in, zbuf, B * K1, BLOCK=block)
-    if features.dtype == torch.float64:
-        probs = probs.double()
-    return probs, zbuf
-
-
-@nce_probs_triton.register_fake
-def _(features, memory, idx, z, temperature):
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return (features.new_empty((features.shape[0], idx.shape[1]), dtype=acc),
-            z.new_empty((1,), dtype=torch.float32))
-
-
-@torch.library.custom_op("instdisc::nce_probs_backward_triton", mutates_args=())
-def nce_probs_backward_triton(grad_probs: torch.Tensor, probs: torch.Tensor, memory: torch.Tensor,
-                              idx: torch.Tensor, temperature: float) -> torch.Tensor:
-    _check_2d_float("memory", memory)
-    _check_device(probs)
-    if probs.dim() != 2 or grad_probs.shape != probs.shape or idx.shape != probs.shape:
-        raise ValueError(f"grad_probs, probs and idx must have the same (B, K+1) shape, got "
-                         f"{tuple(grad_probs.shape)}, {tuple(probs.shape)}, {tuple(idx.shape)}")
-    dev = probs.device
-    B, K1 = probs.shape
-    D = memory.shape[1]
-    mem = _row_stride(memory)
-    block_k, block_d, split, chunk, num_warps = _launch_params(B, K1, D, mem.dtype, dev)
-    part_g = torch.empty(B, split, D, dtype=torch.float32, device=dev)
-    _probs_bwd_kernel[(B, split)](grad_probs.contiguous(), probs.contiguous(), mem, idx.to(torch.int64).contiguous(),
-                                  part_g, D, mem.stride(0), K1, chunk, split, 1.0 / temperature,
-                                  BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
-    grad = part_g[:, 0] if split == 1 else part_g.sum(1)
-    return grad.to(probs.dtype).contiguous()
-
-
-@nce_probs_backward_triton.register_fake
-def _(grad_probs, probs, memory, idx, temperature):
-    return probs.new_empty((probs.shape[0], memory.shape[1]))
