@@ -196,8 +196,8 @@ def test_unknown_backend_is_the_same_error_everywhere(op, word):
 # op -> (backend it cannot run on CPU tensors, what the message says is needed)
 UNAVAILABLE = {
     "nce": [("cuda", "needs CUDA tensors")],
-    "nce_shared": [("cuda", "this op has no CUDA C++ kernel"), ("cpu", "this op has no C++ CPU kernel")],
-    "softmax": [("cuda", "this op has no CUDA C++ kernel"), ("cpu", "this op has no C++ CPU kernel")],
+    "nce_shared": [("cuda", "this op has no CUDA C++ kernel")],
+    "softmax": [("cuda", "this op has no CUDA C++ kernel")],
     "nce_probs": [("cuda", "needs CUDA tensors")],
     "knn": [("cuda", "this op has no CUDA C++ kernel"), ("triton", "this op has no Triton kernel")],
     "knn_search": [("cuda", "this op has no CUDA C++ kernel"), ("triton", "this op has no Triton kernel")],
@@ -221,8 +221,8 @@ def test_an_unavailable_backend_leaves_the_bank_unchanged():
     mem, x, y, neg = _problem()
     mem0 = mem.clone()
     for call in (lambda: ik.nce_loss(x, mem, y, neg_indices=neg, backend="cuda"),
-                 lambda: ik.nonparametric_softmax_loss(x, mem, y, backend="cpu"),
-                 lambda: ik.nce_loss(x, mem, y, neg_indices=neg[0], negatives="shared", backend="cpu"),
+                 lambda: ik.nonparametric_softmax_loss(x, mem, y, backend="cuda"),
+                 lambda: ik.nce_loss(x, mem, y, neg_indices=neg[0], negatives="shared", backend="cuda"),
                  lambda: ik.bank_update_(mem, y, x, backend="cuda")):
         with pytest.raises(ValueError, match="is not available"):
             call()
@@ -246,9 +246,9 @@ def test_auto_on_cuda_follows_cuda_preference_then_eager(monkeypatch):
     assert softmax.TABLE.select("auto", cuda) == "eager"
     assert softmax.TABLE["eager"] is torch.ops.instdisc.softmax_forward_chunked
     assert knn.TABLE.select("auto", cuda) == "eager"
-    with pytest.raises(ValueError, match=r"backend='cpu' is not available for nonparametric_softmax_loss on "
-                                         r"device cuda: this op has no C\+\+ CPU kernel"):
-        softmax.TABLE.select("cpu", cuda)
+    with pytest.raises(ValueError, match=r"backend='cuda' is not available for nonparametric_softmax_loss on "
+                                         r"device cuda: this op has no CUDA C\+\+ kernel"):
+        softmax.TABLE.select("cuda", cuda)
     with pytest.raises(ValueError, match="needs triton installed"):
         nce.TABLE.select("triton", cuda)
 
@@ -264,10 +264,10 @@ def test_bank_update_after_a_loss_follows_the_loss_backend(chosen, loss_backend,
     mem, x, y, neg = _problem()
     calls = [lambda be: ik.nce_loss(x, mem, y, neg_indices=neg, backend=be),
              lambda be: ik.InstDiscLoss(N, D, num_negatives=K, backend=be)(x, y)]
-    if loss_backend != "cpu":           # no C++ kernel for these two
-        calls += [lambda be: ik.nonparametric_softmax_loss(x, mem, y, backend=be),
-                  lambda be: ik.nce_loss(x, mem, y, neg_indices=neg[0], negatives="shared", backend=be),
-                  lambda be: ik.InstDiscLoss(N, D, num_negatives=0, backend=be)(x, y)]
+    # "cpu" for these three: their eager path (deprecated spelling), the bank update still on cpu
+    calls += [lambda be: ik.nonparametric_softmax_loss(x, mem, y, backend=be),
+              lambda be: ik.nce_loss(x, mem, y, neg_indices=neg[0], negatives="shared", backend=be),
+              lambda be: ik.InstDiscLoss(N, D, num_negatives=0, backend=be)(x, y)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         for call in calls:
@@ -302,3 +302,19 @@ def test_modules_warn_once_at_construction_and_store_eager():
     with pytest.raises(ValueError, match=re.escape("backend must be one of ('auto', 'eager', 'cpu', 'triton', "
                                                    "'cuda'), got 'fused'")):
         ik.InstDiscLoss(N, D, backend="fused")
+
+
+@pytest.mark.parametrize("op", ["softmax", "nce_shared"])
+def test_cpu_for_an_op_without_a_cpp_kernel_is_its_deprecated_eager(op):
+    # the softmax and the shared negatives called their chunked ATen path "cpu" before the one
+    # vocabulary: accepted for one release, with a warning saying what ran
+    mem, x, y, neg = _problem()
+    run = {"softmax": lambda be: ik.nonparametric_softmax_loss(x, mem.clone(), y, backend=be),
+           "nce_shared": lambda be: ik.nce_loss(x, mem.clone(), y, neg_indices=neg[0], negatives="shared",
+                                                backend=be)}[op]
+    with pytest.warns(DeprecationWarning, match=r"backend='cpu' .* is deprecated.*now backend='eager'") as rec:
+        got = run("cpu")
+    assert rec[0].filename == __file__
+    assert torch.equal(got, run("eager"))
+    table = {"softmax": softmax.TABLE, "nce_shared": nce_shared.TABLE}[op]
+    assert table.available("cpu", CPU)

@@ -395,6 +395,7 @@ except ImportError:
 
 TABLE = _backend.OpTable(
     "nce_loss(negatives='shared')",
+    renamed={"cpu": "eager"},     # the chunked ATen path was "cpu" before the one vocabulary
     eager=_backend.Impl(torch.ops.instdisc.nce_shared_forward_chunked, "ops/nce_shared.py forward_chunked"),
     triton=_backend.Impl(_backend.op_handle("nce_shared_forward_triton"),
                          "ops/nce_shared_triton.py forward_triton", triton=True),

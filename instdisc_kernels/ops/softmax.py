@@ -207,6 +207,7 @@ if _backend.op_handle("softmax_forward_triton") is not None:
 
 TABLE = _backend.OpTable(
     "nonparametric_softmax_loss",
+    renamed={"cpu": "eager"},     # the chunked ATen path was "cpu" before the one vocabulary
     eager=_backend.Impl(torch.ops.instdisc.softmax_forward_chunked, "ops/softmax.py forward_chunked"),
     triton=_backend.Impl(_backend.op_handle("softmax_forward_triton"), "ops/softmax_triton.py forward_triton",
                          triton=True),
