@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis ninja mlxtend
+DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark ninja mlxtend
 # the benchmarks' peers (pyproject's `bench` extra): FAISS for the kNN comparison
 BENCH_DEPS := faiss-cpu
 STAMP  := $(VENV)/.deps-installed

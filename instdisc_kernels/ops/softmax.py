@@ -240,9 +240,10 @@ def _bank_backend(be: str, dev: torch.device) -> str:
     return _backend.resolve("auto", dev, op="bank_update_", **kw)
 
 
-def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, momentum=0.5,
-                               update_memory=True, validate=True, backend="auto", precision="fp32",
-                               chunk_size=None):
+def nonparametric_softmax_loss(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, *,
+                               temperature: float = 0.07, momentum: float = 0.5, update_memory: bool = True,
+                               validate: bool = True, backend: str = "auto", precision: str = "fp32",
+                               chunk_size: int | None = None) -> torch.Tensor:
     """Exact non-parametric softmax loss over all N bank rows (SPEC 1.2), mean over the batch.
 
     Args:
