@@ -24,6 +24,8 @@ import instdisc_kernels as ik
 from instdisc_kernels.distributed import DistributedInstDiscLoss, load_resharded, save_sharded
 from instdisc_kernels.distributed import _sharded
 
+pytestmark = pytest.mark.slow          # distributed: spawns process groups
+
 N, T = 41, 0.1
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 BANK_TOL = {torch.float32: dict(rtol=0, atol=2e-6), torch.bfloat16: dict(rtol=0, atol=8e-3)}

@@ -13,6 +13,8 @@ import torch.nn.functional as Fn
 from instdisc_kernels.distributed import DistributedInstDiscLoss
 from test_distributed import Checks, _assert_ok, _launch, _serve
 
+pytestmark = pytest.mark.slow          # distributed: spawns process groups
+
 N, DIM, K = 23, 8, 4
 MODES = ("replicated", "sharded")
 BASE = dict(num_negatives=K, temperature=0.1, momentum=0.5, z="first-batch", backend="reference")

@@ -15,6 +15,8 @@ from instdisc_kernels.distributed import DistributedInstDiscLoss, load_resharded
 from instdisc_kernels.distributed.checkpoint import read_bank
 from test_distributed import Checks, _assert_ok, _launch, _serve
 
+pytestmark = pytest.mark.slow          # distributed: spawns process groups
+
 N, DIM = 29, 6
 
 

@@ -17,6 +17,8 @@ from instdisc_kernels.distributed import DistributedInstDiscLoss
 from test_distributed import TOL, Checks, _batch, _free_port, _gather_all
 from test_train import TINY_DIGITS, _metrics
 
+pytestmark = pytest.mark.slow          # the trainer and 2-process runs with shared negatives
+
 N, T, K, DIM = 41, 0.1, 6, 19
 
 

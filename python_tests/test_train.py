@@ -18,6 +18,8 @@ from instdisc_kernels.data import DataError, build_data, digits_split
 from instdisc_kernels.models import build_model
 from instdisc_kernels.retrieve import main as retrieve_main
 
+pytestmark = pytest.mark.slow          # the trainer: runs instdisc-train end to end
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_TRAIN_AT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_train_at.py")
 TIMING = ("seconds", "images_per_s")

@@ -18,6 +18,8 @@ from bitrot import flip_bytes_of
 from instdisc_kernels.retrieve import main as retrieve_main
 from test_distributed import _free_port
 
+pytestmark = pytest.mark.slow          # the trainer on 2 processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_TRAIN_AT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_train_at.py")
 TIMING = ("seconds", "images_per_s")
@@ -59,7 +61,6 @@ def _bank(out):
     return torch.cat(rows)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bank", ["replicated", "sharded"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_run(tmp_path, bank):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -14,6 +14,8 @@ from instdisc_kernels import checkpoint as ckpt
 from instdisc_kernels import train
 from instdisc_kernels.modules import InstDiscLoss
 
+pytestmark = pytest.mark.slow          # the trainer's error paths (most run it)
+
 TINY = ["--limit-train", "96", "--limit-test", "40", "--batch-size", "32", "--no-progress", "--no-baselines"]
 
 

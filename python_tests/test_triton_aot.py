@@ -32,6 +32,8 @@ import tempfile
 
 import pytest
 
+pytestmark = pytest.mark.slow          # Triton ahead-of-time compiles of every kernel
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ("nce_triton", "bank_update_triton", "softmax_triton", "nce_shared_triton")
 TARGET = ("cuda", 90, 32)
