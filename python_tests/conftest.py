@@ -21,3 +21,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+# Loading this file puts python_tests/ on sys.path (pytest's default "prepend" import mode), so
+# the test files of the per-op folders import the shared code as `helpers.<module>`; test files
+# are imported by basename, so their names must stay unique across folders.

@@ -17,20 +17,15 @@ from instdisc_kernels import train
 from instdisc_kernels.data import DataError, build_data, digits_split
 from instdisc_kernels.models import build_model
 from instdisc_kernels.retrieve import main as retrieve_main
+from helpers.train_runs import TINY_DIGITS, _metrics
 
 pytestmark = pytest.mark.slow          # the trainer: runs instdisc-train end to end
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KILL_TRAIN_AT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_train_at.py")
 TIMING = ("seconds", "images_per_s")
 METRIC_KEYS = {"epoch", "loss", "lr", "knn_top1", "knn_top5", "seconds", "images_per_s"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY_DIGITS = ["--limit-train", "96", "--limit-test", "40", "--batch-size", "32", "--no-progress"]
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _strip_timing(rows):

@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 
-from bitrot import flip_bytes_of
+from helpers.bitrot import flip_bytes_of
 from instdisc_kernels.retrieve import main as retrieve_main
-from test_distributed import _free_port
+from helpers.process_group import _free_port
 
 pytestmark = pytest.mark.slow          # the trainer on 2 processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KILL_TRAIN_AT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_train_at.py")
 TIMING = ("seconds", "images_per_s")
 COMMON = ["--loss", "nce", "--nce-k", "16", "--epochs", "2", "--lr-steps", "1", "--device", "cpu", "--no-baselines",

@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-from bitrot import flip_bytes_of
+from helpers.bitrot import flip_bytes_of
 from instdisc_kernels import checkpoint as ckpt
 from instdisc_kernels import train
 from instdisc_kernels.modules import InstDiscLoss
@@ -236,7 +236,8 @@ def test_resume_after_a_kill_inside_a_save_removes_its_temp_file(trained, tmp_pa
         c.torch.save = dying_save
         c.save_checkpoint(c.load_checkpoint({path!r}), {path!r})
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", code], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     assert [n for n in os.listdir(run) if n.startswith(".tmp-checkpoint.pt-")]
