@@ -1,14 +1,16 @@
 # Two entry points on a fresh machine: `make demo` (the main job on the
 # embedded digits data) and `make test` (the test suite). Both create .venv.
+# `make test-fast`: the tests not marked slow (no trainer, distributed or
+# Triton AOT tests), for the edit-test loop; `make test` runs everything.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark hypothesis ninja mlxtend
+DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark ninja mlxtend
 # the benchmarks' peers (pyproject's `bench` extra): FAISS for the kNN comparison
 BENCH_DEPS := faiss-cpu
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: venv build test demo bench clean cmake-test
+.PHONY: venv build test test-fast demo bench clean cmake-test
 
 $(STAMP): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +28,9 @@ test: build
 	$(BIN)/python -m pytest python_tests/ -q
 	$(BIN)/python -m pytest benchmarks/ -q --benchmark-disable --bench-size=smoke
 	$(MAKE) cmake-test
+
+test-fast: build
+	$(BIN)/python -m pytest python_tests/ -q -m "not slow"
 
 # CMake build of libinstdisc_ops (CPU-only) and its ctest smoke test, own build dir.
 CMAKE_TEST_DIR := build/cmake-test

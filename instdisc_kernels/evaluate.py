@@ -95,8 +95,11 @@ def _model_device(model):
 
 
 @torch.no_grad()
-def evaluate_knn(model, train_loader, test_loader, *, k=200, temperature=0.07, use_bank=None, device=None,
-                 progress=True, num_classes=None):
+def evaluate_knn(model: torch.nn.Module, train_loader: torch.utils.data.DataLoader,
+                 test_loader: torch.utils.data.DataLoader, *, k: int = 200,
+                 temperature: float = 0.07, use_bank: torch.Tensor | torch.nn.Module | None = None,
+                 device: torch.device | str | None = None, progress: bool = True,
+                 num_classes: int | None = None) -> tuple[float, float]:
     """Weighted-kNN (top-1, top-5) test accuracy in percent (lemniscate's kNN).
 
     Args:

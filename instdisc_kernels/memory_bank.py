@@ -17,8 +17,9 @@ class MemoryBank(nn.Module):
     (instdisc_kernels/hugepages.py): fewer TLB misses for the kernels' random row reads.
     """
 
-    def __init__(self, num_samples, dim, *, dtype=torch.float32, device=None, momentum=0.5, init="uniform",
-                 generator=None):
+    def __init__(self, num_samples: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, momentum: float = 0.5, init: str = "uniform",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         _validate.check_positive_int(num_samples, "num_samples")
         _validate.check_positive_int(dim, "dim")
@@ -38,14 +39,15 @@ class MemoryBank(nn.Module):
         self.register_buffer("memory", hugepages.empty_rows(num_samples, dim, dtype=dtype, device=mem.device).copy_(mem))
 
     @property
-    def num_samples(self):
+    def num_samples(self) -> int:
         return self.memory.shape[0]
 
     @property
-    def dim(self):
+    def dim(self) -> int:
         return self.memory.shape[1]
 
-    def update(self, indices, features, *, backend="auto", validate=True):
+    def update(self, indices: torch.Tensor, features: torch.Tensor, *, backend: str = "auto",
+               validate: bool = True) -> None:
         """V[y] <- normalize(m V[y] + (1-m) F); last occurrence wins on repeats."""
         bank_update_(self.memory, indices, features, self.momentum, backend=backend, validate=validate)
 

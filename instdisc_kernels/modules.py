@@ -24,10 +24,11 @@ class InstDiscLoss(nn.Module):
     negatives: "per-sample" (K per row) or "shared" (one set of K for the batch, ops/nce_shared.py).
     """
 
-    def __init__(self, num_samples, dim=128, *, num_negatives=4096, temperature=0.07, momentum=0.5,
-                 z=z_policy.DEFAULT_POLICY, z_ema=0.99, z_every=z_policy.DEFAULT_EVERY, proximal=0.0,
-                 bank_dtype=torch.float32, loss_type="nce", backend="auto", device=None, generator=None,
-                 negatives="per-sample"):
+    def __init__(self, num_samples: int, dim: int = 128, *, num_negatives: int = 4096, temperature: float = 0.07,
+                 momentum: float = 0.5, z: str | float = z_policy.DEFAULT_POLICY, z_ema: float = 0.99,
+                 z_every: int = z_policy.DEFAULT_EVERY, proximal: float = 0.0, bank_dtype: torch.dtype = torch.float32,
+                 loss_type: str = "nce", backend: str = "auto", device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None, negatives: str = "per-sample") -> None:
         super().__init__()
         if negatives not in ("per-sample", "shared"):
             raise ValueError(f"negatives must be 'per-sample' or 'shared', got {negatives!r}")
@@ -64,10 +65,10 @@ class InstDiscLoss(nn.Module):
         return self
 
     @property
-    def memory(self):
+    def memory(self) -> torch.Tensor:
         return self.bank.memory
 
-    def forward(self, features, indices):
+    def forward(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if self.num_negatives == 0:
             return nonparametric_softmax_loss(features, self.bank.memory, indices, temperature=self.temperature,
                                               momentum=self.bank.momentum, backend=self.backend)

@@ -7,6 +7,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Loading this file puts python_tests/ on sys.path (pytest's default "prepend" import mode), so
+# the test files of the per-op folders import the shared code as `helpers.<module>`; test files
+# are imported by basename, so their names must stay unique across folders.
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -67,11 +67,11 @@ class _Criterion(torch.autograd.Function):
 class NCECriterion(nn.Module):
     """lemniscate's NCECriterion: ``loss = criterion(out, y)`` (y unused); loss of shape (1,)."""
 
-    def __init__(self, nLem):
+    def __init__(self, nLem: int) -> None:
         super().__init__()
         self.nLem = _args.positive_int(nLem, "nLem")
 
-    def forward(self, x, targets=None):
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be the floating (B, K+1) output of NCEAverage, got {type(x).__name__}"
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))

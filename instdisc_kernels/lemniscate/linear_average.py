@@ -56,13 +56,13 @@ class LinearAverage(LoggedBankModule):
 
     Buffers ``params`` = [T, momentum] and ``memory`` (N x D); the bank is updated during backward."""
 
-    def __init__(self, inputSize, outputSize, T=0.07, momentum=0.5):
+    def __init__(self, inputSize: int, outputSize: int, T: float = 0.07, momentum: float = 0.5) -> None:
         super().__init__()
         inputSize = _args.positive_int(inputSize, "inputSize")
         outputSize = _args.positive_int(outputSize, "outputSize")
         params = torch.tensor([_args.temperature(T), _args.momentum(momentum)])
         self._setup(params, init_memory(outputSize, inputSize))
 
-    def forward(self, x, y):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _validate.check_features_memory_indices(x, self.memory, y, values=True)
         return _LinearAverageFunction.apply(x, y.long(), self.memory, self.params, self._bank_log)

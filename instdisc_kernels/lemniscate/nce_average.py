@@ -119,7 +119,8 @@ class NCEAverage(LoggedBankModule):
     integer (B, K+1) index matrix (column 0 is set to y).
     """
 
-    def __init__(self, inputSize, outputSize, K, T=0.07, momentum=0.5, Z=None, backend="auto"):
+    def __init__(self, inputSize: int, outputSize: int, K: int, T: float = 0.07, momentum: float = 0.5,
+                 Z: float | None = None, backend: str = "auto") -> None:
         super().__init__()
         inputSize = _args.positive_int(inputSize, "inputSize")
         outputSize = _args.positive_int(outputSize, "outputSize")
@@ -140,7 +141,7 @@ class NCEAverage(LoggedBankModule):
     def unigrams(self):
         return torch.full((self.nLem,), 1.0 / self.nLem)
 
-    def forward(self, x, y, idx=None):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         _validate.check_features_memory_indices(x, self.memory, y, values=True)
         B = x.shape[0]
         if idx is None:

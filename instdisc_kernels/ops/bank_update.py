@@ -84,7 +84,8 @@ def backend_after_loss(backend, device):
     return TABLE.select("auto", device)
 
 
-def bank_update_(memory, indices, features, momentum=0.5, *, backend="auto", validate=True):
+def bank_update_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor, momentum: float = 0.5, *,
+                 backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """In-place momentum update of the memory bank rows ``indices`` with ``features``.
 
     Deterministic with repeated indices (the last occurrence in batch order wins).

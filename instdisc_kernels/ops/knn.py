@@ -325,8 +325,10 @@ def _scores(vals, idx, bank_labels, temperature, num_classes, *, relative=False)
 
 
 @torch.no_grad()
-def knn_predict(queries, bank, bank_labels, *, k=200, temperature=0.07, num_classes=None,
-                validate=True, backend="auto", chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_QUERY_BATCH):
+def knn_predict(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, *, k: int = 200,
+                temperature: float = 0.07, num_classes: int | None = None, validate: bool = True,
+                backend: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+                query_batch: int = DEFAULT_QUERY_BATCH) -> torch.Tensor:
     """Weighted kNN class scores (Q, C): sum over the top-k neighbours of exp(sim / temperature).
 
     queries (Q, D) and bank (N, D) float (unit rows: cosine similarity); bank_labels (N,)
@@ -345,9 +347,10 @@ def knn_predict(queries, bank, bank_labels, *, k=200, temperature=0.07, num_clas
 
 
 @torch.no_grad()
-def knn_accuracy(queries, query_labels, bank, bank_labels, *, k=200, temperature=0.07, num_classes=None,
-                 batch_size=4096, validate=True, backend="auto", chunk_size=DEFAULT_CHUNK,
-                 query_batch=DEFAULT_QUERY_BATCH):
+def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+                 *, k: int = 200, temperature: float = 0.07, num_classes: int | None = None, batch_size: int = 4096,
+                 validate: bool = True, backend: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+                 query_batch: int = DEFAULT_QUERY_BATCH) -> tuple[float, float]:
     """(top-1, top-5) weighted-kNN accuracy in percent (top-5 is top-C when C < 5).
 
     The weights are exp((sim - best sim) / temperature) per query (the ranking of

@@ -137,10 +137,6 @@ TABLE = _backend.OpTable(
 )
 
 
-def resolve_backend(backend, device):
-    """TABLE.select for nce_loss (kept for the trainer, which imports it)."""
-    return TABLE.select(backend, device)
-
 
 # --------------------------------------------------------------------------- #
 # Negatives                                                                    #
@@ -187,10 +183,13 @@ def _z_tensor(z, device, validate=True):
 # --------------------------------------------------------------------------- #
 # Public function                                                              #
 # --------------------------------------------------------------------------- #
-def nce_loss(features, memory, indices, *, num_negatives=4096, temperature=0.07, z=None, momentum=0.5,
-             proximal=0.0, neg_indices=None, update_memory=True, generator=None, loss_type="nce",
-             z_ema=None, validate=True, backend="auto", exclude_positive=False, noise_probs=None,
-             negatives="per-sample", precision="fp32", chunk_size=None):
+def nce_loss(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, *, num_negatives: int = 4096,
+             temperature: float = 0.07, z: float | torch.Tensor | None = None, momentum: float = 0.5,
+             proximal: float = 0.0, neg_indices: torch.Tensor | None = None, update_memory: bool = True,
+             generator: torch.Generator | None = None, loss_type: str = "nce", z_ema: float | None = None,
+             validate: bool = True, backend: str = "auto", exclude_positive: bool = False,
+             noise_probs: torch.Tensor | None = None, negatives: str = "per-sample", precision: str = "fp32",
+             chunk_size: int | None = None) -> torch.Tensor:
     """Sampled-negative NCE loss of InstDisc (SPEC 1.1), fused with the bank update.
 
     Args:

@@ -61,7 +61,7 @@ every negative logit is off by at most delta, so
   NCE: log Z (when estimated) is off by <= delta, each x by <= 2 delta, so
       |loss error| <= 2 delta (K + 1) and |grad error|_row <= max|V| K (delta / 2 + 3.2u) / (T B)
 (softplus is 1-Lipschitz, sigmoid 1/4-Lipschitz). These are worst cases;
-measured errors are far smaller (python_tests/test_nce_shared.py checks both).
+measured errors are far smaller (python_tests/nce/test_nce_shared.py checks both).
 
 Negatives (shared_step): neg_indices (K,) as given, or drawn once per
 call as ``draw_negatives(indices[:1], N, K, generator=generator,

@@ -56,7 +56,7 @@ precision (the chunk products; every reduction, exp and sum stays fp32):
       cases: the rounding errors are unbiased and average out over N, and
       measured errors are far smaller (unit-norm rows, T = 0.07, N = 50,000:
       |loss error| ~ 3e-5, gradient relative error ~ 2e-4, against a bound
-      delta = 0.17 on the loss). python_tests/test_softmax.py checks both the
+      delta = 0.17 on the loss). python_tests/softmax/test_softmax.py checks both the
       bound and a 2e-3 relative gradient error on realistic data.
 """
 from __future__ import annotations
@@ -214,14 +214,11 @@ TABLE = _backend.OpTable(
 )
 
 
-def resolve_backend(backend, device):
-    """TABLE.select for the softmax (kept for the trainer, which imports it)."""
-    return TABLE.select(backend, device)
 
-
-def nonparametric_softmax_loss(features, memory, indices, *, temperature=0.07, momentum=0.5,
-                               update_memory=True, validate=True, backend="auto", precision="fp32",
-                               chunk_size=None):
+def nonparametric_softmax_loss(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, *,
+                               temperature: float = 0.07, momentum: float = 0.5, update_memory: bool = True,
+                               validate: bool = True, backend: str = "auto", precision: str = "fp32",
+                               chunk_size: int | None = None) -> torch.Tensor:
     """Exact non-parametric softmax loss over all N bank rows (SPEC 1.2), mean over the batch.
 
     Args:

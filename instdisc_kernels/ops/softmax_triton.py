@@ -92,7 +92,7 @@ def _launch_params(B, N, D, rows_per_split, precision, device):
         num_warps = 4 if block_d <= 128 else 8
     else:
         # "fp32": tf32x3 keeps hi/lo halves of every operand live. sm_90 AOT, D = 128
-        # (python_tests/test_triton_aot.py, triton 3.8 and 3.6), BLOCK_B x BLOCK_N:
+        # (python_tests/backends/test_triton_aot.py, triton 3.8 and 3.6), BLOCK_B x BLOCK_N:
         # the bf16 sizes (64 x 64, 4 warps) hit 255 registers and spill ~390 B; every
         # 64-row tile spills 8-660 B; 128 x 32 with 8 warps: 255 registers, 16 B spilled
         # on 3.6; 32 x 32 with 8 warps: 228-246 registers, no spill; 16 x 32 with 4

@@ -9,7 +9,7 @@ import instdisc_kernels as ik
 from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import nce_shared as NS
 from instdisc_kernels.ops import nce_shared_triton as NST
-from test_softmax import AllocTracker
+from helpers.alloc import AllocTracker
 
 BACKENDS = ["full", "eager", "triton"]      # IMPLS keys: "full" is the B x K cross-check
 PUBLIC = ["eager", "triton"]

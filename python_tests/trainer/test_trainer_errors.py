@@ -9,9 +9,12 @@ import stat
 import pytest
 import torch
 
-from bitrot import flip_bytes_of
+from helpers.bitrot import flip_bytes_of
 from instdisc_kernels import checkpoint as ckpt
 from instdisc_kernels import train
+from instdisc_kernels.modules import InstDiscLoss
+
+pytestmark = pytest.mark.slow          # the trainer's error paths (most run it)
 
 TINY = ["--limit-train", "96", "--limit-test", "40", "--batch-size", "32", "--no-progress", "--no-baselines"]
 
@@ -189,7 +192,7 @@ def test_tiny_temperature_names_the_temperature(tmp_path, capsys):
 def test_os_errors_during_a_run_are_one_line(tmp_path, capsys, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "r" / "checkpoint.pt"))
-    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    monkeypatch.setattr(train.loop, "save_checkpoint", full_disk)
     _fails(capsys, ["--epochs", "1", "--out", str(tmp_path / "r"), *TINY], "No space left on device",
            "checkpoint.pt")
 
@@ -202,7 +205,7 @@ def test_nan_rows_in_the_bank_during_a_run_are_named(tmp_path, capsys, monkeypat
         crit = build(*a, **k)
         crit.memory[:] = float("nan")
         return crit
-    monkeypatch.setattr(train, "build_criterion", broken_bank)
+    monkeypatch.setattr(train.loop, "build_criterion", broken_bank)
     _fails(capsys, ["--epochs", "1", "--loss", loss, "--out", str(tmp_path / "r"), *TINY],
            "memory bank holds NaN/inf", "epoch 1, step 1", absent=["--lr"])
 
@@ -210,7 +213,7 @@ def test_nan_rows_in_the_bank_during_a_run_are_named(tmp_path, capsys, monkeypat
 def test_a_rejected_step_is_one_line_naming_the_step(tmp_path, capsys, monkeypatch):
     def refuse(self, features, indices):
         raise ValueError("temperature=1e-06 makes exp(score / temperature) overflow")
-    monkeypatch.setattr(train.InstDiscLoss, "forward", refuse)
+    monkeypatch.setattr(InstDiscLoss, "forward", refuse)
     _fails(capsys, ["--epochs", "1", "--loss", "nce", "--nce-t", "1e-6", "--out", str(tmp_path / "r"), *TINY],
            "the loss failed at epoch 1, step 1", "--nce-t 1e-06", "temperature=1e-06", absent=["lower --lr"])
 
@@ -233,7 +236,8 @@ def test_resume_after_a_kill_inside_a_save_removes_its_temp_file(trained, tmp_pa
         c.torch.save = dying_save
         c.save_checkpoint(c.load_checkpoint({path!r}), {path!r})
     """)
-    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", code], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     assert [n for n in os.listdir(run) if n.startswith(".tmp-checkpoint.pt-")]

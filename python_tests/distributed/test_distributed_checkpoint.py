@@ -9,11 +9,13 @@ import os
 import pytest
 import torch
 
-from bitrot import flip_bytes_of
+from helpers.bitrot import flip_bytes_of
 from instdisc_kernels.checkpoint import digest
 from instdisc_kernels.distributed import DistributedInstDiscLoss, load_resharded, save_sharded
 from instdisc_kernels.distributed.checkpoint import read_bank
-from test_distributed import Checks, _assert_ok, _launch, _serve
+from helpers.process_group import Checks, _assert_ok, _launch, _serve
+
+pytestmark = pytest.mark.slow          # distributed: spawns process groups
 
 N, DIM = 29, 6
 

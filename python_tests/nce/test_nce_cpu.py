@@ -117,7 +117,7 @@ def _check_forward(F, mem, y, neg, mode, T=0.07):
 def test_cpu_kernels_are_registered():
     for name in ("nce_forward", "nce_probs", "nce_probs_backward"):
         assert _backend.has_kernel(name, "CPU"), f"instdisc::{name} has no CPU kernel (extension not built?)"
-    assert ik.ops.nce.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert ik.ops.nce.TABLE.select("auto", torch.device("cpu")) == "cpu"
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -14,12 +14,14 @@ import sys
 import pytest
 import torch
 
-from bitrot import flip_bytes_of
-from instdisc_kernels import train
+from helpers.bitrot import flip_bytes_of
 from instdisc_kernels.retrieve import main as retrieve_main
-from test_distributed import _free_port
+from helpers.process_group import _free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow          # the trainer on 2 processes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KILL_TRAIN_AT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_train_at.py")
 TIMING = ("seconds", "images_per_s")
 COMMON = ["--loss", "nce", "--nce-k", "16", "--epochs", "2", "--lr-steps", "1", "--device", "cpu", "--no-baselines",
           "--limit-train", "96", "--limit-test", "40", "--batch-size", "16", "--no-progress"]
@@ -32,10 +34,8 @@ def _two_ranks(args, crash=None, timeout=240):
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
-        env.pop(train.CRASH_ENV, None)
-        if crash:
-            env[train.CRASH_ENV] = crash
-        procs.append(subprocess.Popen([sys.executable, "-m", "instdisc_kernels.train", *args], cwd=ROOT, env=env,
+        cmd = [sys.executable, KILL_TRAIN_AT, crash] if crash else [sys.executable, "-m", "instdisc_kernels.train"]
+        procs.append(subprocess.Popen([*cmd, *args], cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
@@ -61,7 +61,6 @@ def _bank(out):
     return torch.cat(rows)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bank", ["replicated", "sharded"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_run(tmp_path, bank):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -5,7 +5,7 @@ import torch
 from instdisc_kernels import knn_search
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import knn as K
-from test_knn import _clustered, _tied_data, _unit
+from helpers.knn_data import _clustered, _tied_data, _unit
 
 BACKENDS = ["eager", "auto"] + (["cpu"] if K.TABLE.available("cpu", torch.device("cpu")) else [])
 

@@ -17,17 +17,15 @@ from instdisc_kernels import train
 from instdisc_kernels.data import DataError, build_data, digits_split
 from instdisc_kernels.models import build_model
 from instdisc_kernels.retrieve import main as retrieve_main
+from helpers.train_runs import TINY_DIGITS, _metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow          # the trainer: runs instdisc-train end to end
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KILL_TRAIN_AT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_train_at.py")
 TIMING = ("seconds", "images_per_s")
 METRIC_KEYS = {"epoch", "loss", "lr", "knn_top1", "knn_top5", "seconds", "images_per_s"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY_DIGITS = ["--limit-train", "96", "--limit-test", "40", "--batch-size", "32", "--no-progress"]
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _strip_timing(rows):
@@ -50,10 +48,16 @@ def trained(tmp_path_factory):
     return out
 
 
-def _run_sub(args, env_extra=None, code=None):
-    env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "instdisc_kernels.train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _run_sub(args, kill_at=None, code=None):
+    """instdisc-train ``args`` (or python ``code``) in a subprocess; ``kill_at`` "E:S": SIGKILL after
+    step S of epoch E (kill_train_at.py)."""
+    if code:
+        cmd = [sys.executable, "-c", code]
+    elif kill_at:
+        cmd = [sys.executable, KILL_TRAIN_AT, kill_at, *args]
+    else:
+        cmd = [sys.executable, "-m", "instdisc_kernels.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 # --------------------------------------------------------------------------- #
@@ -129,7 +133,7 @@ def test_resume_after_kill_mid_epoch_reproduces_uninterrupted_run(tmp_path):
               *TINY_DIGITS]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert train.main([*common, "--out", a]) == 0
-    p = _run_sub([*common, "--out", b], {train.CRASH_ENV: "3:2"})
+    p = _run_sub([*common, "--out", b], kill_at="3:2")
     assert p.returncode == -9, p.stderr[-2000:]                    # SIGKILL after step 2 of epoch 3
     assert [r["epoch"] for r in _metrics(b)] == [1, 2]
     assert ckpt.load_checkpoint(os.path.join(b, "checkpoint.pt"))["epoch"] == 2

@@ -14,8 +14,10 @@ import torch.multiprocessing as mp
 import instdisc_kernels as ik
 from instdisc_kernels import train
 from instdisc_kernels.distributed import DistributedInstDiscLoss
-from test_distributed import TOL, Checks, _batch, _free_port, _gather_all
-from test_train import TINY_DIGITS, _metrics
+from helpers.process_group import TOL, Checks, _batch, _free_port, _gather_all
+from helpers.train_runs import TINY_DIGITS, _metrics
+
+pytestmark = pytest.mark.slow          # the trainer and 2-process runs with shared negatives
 
 N, T, K, DIM = 41, 0.1, 6, 19
 

@@ -12,7 +12,7 @@ import torch
 from instdisc_kernels import knn_predict
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import knn as K
-from test_knn import _clustered, _stable_topk, _tied_data, _unit
+from helpers.knn_data import _clustered, _stable_topk, _tied_data, _unit
 
 pytestmark = pytest.mark.skipif(not K.TABLE.available("cpu", torch.device("cpu")),
                                 reason="the C++ extension instdisc_kernels._C is not built")
@@ -155,7 +155,7 @@ def test_opcheck():
 # set: C++ allocations are invisible to torch's allocator hooks)               #
 # --------------------------------------------------------------------------- #
 def _bench_measure():
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_measure.py")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "bench_measure.py")
     spec = importlib.util.spec_from_file_location("bench_measure", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,8 +1,8 @@
 """A training script in the shape of lemniscate.pytorch's cifar.py, with only the
 import line changed to the drop-ins (used by test_lemniscate_script.py).
 
-    python python_tests/lemniscate_style_train.py --nce-k 16 --epochs 2 --ckpt /tmp/ckpt.t7
-    python python_tests/lemniscate_style_train.py --nce-k 16 --epochs 1 --resume /tmp/ckpt.t7 --ckpt /tmp/ckpt2.t7
+    python python_tests/lemniscate/lemniscate_style_train.py --nce-k 16 --epochs 2 --ckpt /tmp/ckpt.t7
+    python python_tests/lemniscate/lemniscate_style_train.py --nce-k 16 --epochs 1 --resume /tmp/ckpt.t7 --ckpt /tmp/ckpt2.t7
 
 A tiny linear "net" on random data stands in for the ResNet; the data set returns
 (input, target, index) like lemniscate's CIFAR10Instance. Each epoch reseeds

@@ -32,7 +32,9 @@ import tempfile
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow          # Triton ahead-of-time compiles of every kernel
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODULES = ("nce_triton", "nce_probs_triton", "bank_update_triton", "softmax_triton", "nce_shared_triton")
 TARGET = ("cuda", 90, 32)
 SM_COUNT = 132                      # H100 SXM and H200

@@ -1,15 +1,13 @@
 """Exact non-parametric softmax (SPEC 1.2) against the float64 oracle."""
-import weakref
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from instdisc_kernels import nonparametric_softmax_loss
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import softmax as S
 from instdisc_kernels.ops import softmax_triton as ST
+from helpers.alloc import AllocTracker
 
 T = 0.07
 BACKENDS = ["full", "eager", "triton"]   # IMPLS keys: "full" is the B x N cross-check
@@ -224,35 +222,6 @@ def test_compile_fullgraph(backend):
 # --------------------------------------------------------------------------- #
 # Memory: never a B x N tensor                                                 #
 # --------------------------------------------------------------------------- #
-class AllocTracker(TorchDispatchMode):
-    """Records every tensor allocated by ATen ops: the largest one and the peak live total."""
-
-    def __init__(self, *inputs):
-        super().__init__()
-        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
-        self.sizes = {}
-        self.live = self.peak = self.largest = 0
-
-    def _free(self, key):
-        self.live -= self.sizes.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key in self.skip or key in self.sizes or key == 0:
-                continue
-            n = t.untyped_storage().nbytes()
-            self.sizes[key] = n
-            self.live += n
-            self.largest = max(self.largest, n)
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._free, key)
-        return out
-
-
 @pytest.mark.parametrize("backend,prec,chunk", [("eager", "fp32", 128), ("eager", "bf16", 128), ("triton", "fp32", 1024)])
 def test_never_allocates_b_by_n(backend, prec, chunk):
     # Triton: chunk = bank rows per program; the partials are splits x B x D floats

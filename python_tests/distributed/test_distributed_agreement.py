@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as Fn
 
 from instdisc_kernels.distributed import DistributedInstDiscLoss
-from test_distributed import Checks, _assert_ok, _launch, _serve
+from helpers.process_group import Checks, _assert_ok, _launch, _serve
+
+pytestmark = pytest.mark.slow          # distributed: spawns process groups
 
 N, DIM, K = 23, 8, 4
 MODES = ("replicated", "sharded")

