@@ -44,9 +44,13 @@ def _place(rows, idx_list, n_seen, what):
 
 
 @torch.no_grad()
-def extract_features(model, loader, *, device=None, progress=True, desc="features", need_features=True):
-    """(features (N, D) float32 L2-normalised or None, labels (N,) int64), in dataset-index order
-    when the loader yields indices. The model runs in eval mode (its mode is restored)."""
+def extract_features(model, loader, *, device=None, progress=True, desc="features", need_features=True,
+                     amp=False, by_index=True, out_device="cpu"):
+    """(features (N, D) float32 L2-normalised or None, labels (N,) int64) on ``out_device``.
+
+    With ``by_index`` the rows are in dataset-index order when the loader yields indices
+    (each index once, covering 0..N-1); otherwise in loader order. The model runs in eval
+    mode (its mode is restored) on ``device``, under bfloat16 autocast with ``amp``."""
     feats, labels, indices = [], [], []
     has_index = None
     was_training = model.training if model is not None else False
@@ -55,16 +59,21 @@ def extract_features(model, loader, *, device=None, progress=True, desc="feature
     try:
         for batch in _progress(loader, progress, desc):
             x, y, idx = _unpack(batch)
+            if not by_index:
+                idx = None
             if has_index is None:
                 has_index = idx is not None
             elif has_index != (idx is not None):
                 raise ValueError("the loader mixes (image, target) and (image, target, index) batches")
             if need_features:
-                f = model(x.to(device) if device is not None else x)
-                feats.append(torch.nn.functional.normalize(f.float(), dim=1).cpu())
-            labels.append(y.reshape(-1).long().cpu())
+                if device is not None:
+                    x = x.to(device, non_blocking=True)
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                    f = model(x)
+                feats.append(torch.nn.functional.normalize(f.float(), dim=1).to(out_device))
+            labels.append(y.reshape(-1).long().to(out_device))
             if has_index:
-                indices.append(idx.reshape(-1).cpu())
+                indices.append(idx.reshape(-1).to(out_device))
     finally:
         if model is not None and need_features:
             model.train(was_training)

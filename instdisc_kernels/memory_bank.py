@@ -1,11 +1,20 @@
 """``MemoryBank``: the N x D bank of InstDisc as an nn.Module buffer."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from . import _validate, hugepages, reference
+from . import _validate, hugepages
 from .ops.bank_update import bank_update_
+
+
+def uniform_init(num_samples: int, dim: int, *, generator=None, dtype=torch.float32, device=None):
+    """lemniscate's bank init: uniform(-s, s) with s = 1/sqrt(D/3) (drawn in float32), rows not normalised."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    mem = torch.rand(num_samples, dim, generator=generator, dtype=torch.float32, device=device)
+    return (mem * (2 * stdv) - stdv).to(dtype)
 
 
 class MemoryBank(nn.Module):
@@ -27,7 +36,7 @@ class MemoryBank(nn.Module):
         if dtype not in _validate.FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         if init == "uniform":
-            mem = reference.init_memory(num_samples, dim, generator=generator, dtype=dtype, device=device)
+            mem = uniform_init(num_samples, dim, generator=generator, dtype=dtype, device=device)
         elif init == "normal":
             mem = torch.randn(num_samples, dim, generator=generator, device=device)
             mem = (mem / mem.norm(dim=1, keepdim=True)).to(dtype)

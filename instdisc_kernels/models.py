@@ -72,25 +72,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, dataset, *, batch_size=256, device="cpu", amp=False, workers=0,
                      progress=True, desc="features"):
-    """(features N x D float32 on ``device``, labels N int64 on ``device``) of ``dataset``
-    (items ``(image, target, index)``) in eval mode; restores the model's train/eval mode."""
-    from tqdm.auto import tqdm
+    """(features N x D float32 L2-normalised, labels N int64), both on ``device``, of ``dataset``
+    (items ``(image, target, index)``) in dataset order: evaluate.extract_features over a
+    DataLoader, in eval mode (the model's train/eval mode is restored)."""
+    from .evaluate import extract_features as _extract
 
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
-    feats, labels = [], []
-    try:
-        for x, y, _ in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                f = model(x.to(device, non_blocking=True))
-            feats.append(f.float())
-            labels.append(y.to(device))
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+    return _extract(model, loader, device=device, progress=progress, desc=desc, amp=amp, by_index=False,
+                    out_device=device)

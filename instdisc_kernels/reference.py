@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .memory_bank import uniform_init
+
 EPS = 1e-7  # lemniscate's NCECriterion eps
 
 
@@ -22,11 +24,9 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 # Bank initialisation and negatives                                            #
 # --------------------------------------------------------------------------- #
-def init_memory(num_samples: int, dim: int, *, generator=None, dtype=torch.float32, device=None):
-    """lemniscate's init: uniform(-s, s) with s = 1/sqrt(D/3); rows not normalised."""
-    stdv = 1.0 / math.sqrt(dim / 3)
-    mem = torch.rand(num_samples, dim, generator=generator, dtype=torch.float32, device=device)
-    return (mem * (2 * stdv) - stdv).to(dtype)
+# lemniscate's init, uniform(-s, s) with s = 1/sqrt(D/3): the bank's own (memory_bank.py), used
+# here to make test banks; it is data, not a formula the kernels are checked against
+init_memory = uniform_init
 
 
 def index_matrix(indices: torch.Tensor, neg_indices: torch.Tensor) -> torch.Tensor:
@@ -189,17 +189,20 @@ def softmax_logits(features, memory, temperature):
     return _f64(features) @ _f64(memory).t() / temperature        # B x N
 
 
-def softmax_loss_value(features, memory, indices, temperature):
+def softmax_loss_value(features, memory, indices, temperature, proximal=0.0):
+    """(1/B) sum_b [logsumexp_j logits[b,j] - logits[b,y[b]]], plus the proximal term when proximal > 0."""
     logits = softmax_logits(features, memory, temperature)
     picked = logits.gather(1, indices.view(-1, 1)).squeeze(1)
-    return (torch.logsumexp(logits, dim=1) - picked).mean()
+    loss = (torch.logsumexp(logits, dim=1) - picked).mean()
+    return loss + proximal_value(features, memory, indices, proximal) if proximal > 0 else loss
 
 
-def softmax_grad(features, memory, indices, temperature):
+def softmax_grad(features, memory, indices, temperature, proximal=0.0):
     B = features.shape[0]
     V = _f64(memory)
     p = torch.softmax(softmax_logits(features, memory, temperature), dim=1)
-    return (p @ V - V[indices]) / (temperature * B)
+    grad = (p @ V - V[indices]) / (temperature * B)
+    return grad + proximal_grad(features, memory, indices, proximal) if proximal > 0 else grad
 
 
 # --------------------------------------------------------------------------- #

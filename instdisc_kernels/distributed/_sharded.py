@@ -11,18 +11,16 @@ partial gradients (B_g x D) go back to the feature owners with a reduce-scatter
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops import knn as _knn
+from ..ops._formulas import nce_negative, nce_positive, proximal_terms
+from ..ops.softmax import online_state
 from . import _comm
 
-EPS = 1e-7
 ENTRY_CHUNK = 1 << 15          # gathered rows per chunk (bounds the B*K*D temporary)
-ROW_CHUNK = 1 << 16            # bank rows per chunk in the exact softmax and kNN
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def entry_scores(F, bank, rows, cols):
@@ -101,62 +99,69 @@ def nce(F, yg, bank, lo, neg_rows, neg_cols, *, num_samples, num_negatives, temp
         coef[:npos] -= 1
         coef /= Bg * T
     else:
-        e = torch.exp(x)
         if z <= 0 or z_ema is not None:
-            tot = torch.stack([e.sum().to(torch.float64),
-                               torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=F.device)])
-            _comm.all_reduce_(tot, "sum", group)
-            est = (N * tot[0] / tot[1]).to(F.dtype)
-            Z = est if z <= 0 else z_ema * z + (1 - z_ema) * est
+            log_z = _log_z_estimate(x, N, group)
+            if z > 0:                                              # log(a z + (1 - a) est)
+                log_z = torch.logaddexp(log_z + math.log1p(-z_ema), torch.tensor(
+                    math.log(z_ema * z), dtype=torch.float64, device=F.device))
         else:
-            Z = torch.tensor(z, dtype=F.dtype, device=F.device)
-        z_used = Z
-        P = e / Z
-        c = K / N + EPS
-        term = -torch.log((c - EPS) / (P + c))
-        term[:npos] = -torch.log(P[:npos] / (P[:npos] + c))
-        part = term.sum()
-        dP = 1.0 / (P + c)
-        dP[:npos] = -c / (P[:npos] * (P[:npos] + c))
-        coef = dP * P / (T * Bg)
+            log_z = torch.tensor(math.log(z), dtype=torch.float64, device=F.device)
+        z_used = torch.exp(log_z).to(F.dtype)
+        lp = x - log_z.to(F.dtype)                                 # log P, P = exp(s/T) / Z
+        t_pos, d_pos = nce_positive(lp[:npos], K / N)              # ops/_formulas.py
+        t_neg, d_neg = nce_negative(lp[npos:], K / N)
+        part = t_pos.sum() + t_neg.sum()
+        coef = torch.cat([d_pos, d_neg]) / (T * Bg)
     grad = None
     if need_grad:
         grad = add_entry_grads_(torch.zeros_like(F), bank, rows, cols, coef)
+    loss = (part / Bg).reshape(1)
     if proximal > 0 and npos:
-        diff = F[prow] - bank[pcol].to(F.dtype)
-        part = part + proximal * (diff * diff).sum()
+        p_loss, p_grad = proximal_terms(F[prow], bank[pcol].to(F.dtype), proximal, batch=Bg)
+        loss = loss + p_loss
         if need_grad:
-            grad.index_add_(0, prow, (2 * proximal / Bg) * diff)
-    loss = part.reshape(1).clone()
+            grad.index_add_(0, prow, p_grad)
     _comm.all_reduce_(loss, "sum", group)
-    return loss[0] / Bg, grad, z_used
+    return loss[0], grad, z_used
 
 
-def exact_softmax(F, yg, bank, lo, *, temperature, need_grad, group):
-    """Exact non-parametric softmax (SPEC 1.2) over the sharded bank: distributed log-sum-exp."""
+def _log_z_estimate(x, num_samples, group):
+    """log(N * mean exp(x)) over every rank's entries x (float64 0-dim), as a log-sum-exp."""
+    m = (x.max().to(torch.float64) if x.numel() else torch.tensor(float("-inf"), dtype=torch.float64,
+                                                                   device=x.device)).reshape(1)
+    _comm.all_reduce_(m, "max", group)
+    tot = torch.stack([torch.exp(x.to(torch.float64) - m[0]).sum(),
+                       torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+    _comm.all_reduce_(tot, "sum", group)
+    return m[0] + torch.log(tot[0] / tot[1]) + math.log(num_samples)
+
+
+def exact_softmax(F, yg, bank, lo, *, temperature, need_grad, group, proximal=0.0):
+    """Exact non-parametric softmax (SPEC 1.2) over the sharded bank, plus the proximal term of
+    the positives this shard owns. One streaming pass over the shard (the "cpu" backend's
+    online log-sum-exp, ops/softmax.py) gives its (m, l, A); the global row max and sum come
+    from two all_reduces of B_g numbers, and A rescaled is this shard's partial gradient."""
     Bg, T = F.shape[0], temperature
-    m = torch.full((Bg,), float("-inf"), dtype=F.dtype, device=F.device)
-    lsum = torch.zeros(Bg, dtype=F.dtype, device=F.device)
-    for a in range(0, bank.shape[0], ROW_CHUNK):
-        logits = F @ bank[a:a + ROW_CHUNK].to(F.dtype).t() / T
-        m_new = torch.maximum(m, logits.amax(1))
-        lsum = lsum * torch.exp(m - m_new) + torch.exp(logits - m_new[:, None]).sum(1)
-        m = m_new
+    m, lsum, A = online_state(F, bank, T)
     m_all = _comm.all_reduce_(m.clone(), "max", group)
-    lsum = _comm.all_reduce_(lsum * torch.exp(m - m_all), "sum", group)
-    lse = m_all + torch.log(lsum)
+    w = torch.exp(m - m_all)                                      # this shard's rescaling
+    lsum_all = _comm.all_reduce_(lsum * w, "sum", group)
+    lse = m_all + torch.log(lsum_all)
     prow, pcol = owned_positives(yg, lo, lo + bank.shape[0])
     Vy = bank[pcol].to(F.dtype)
-    part = (lse[prow] - (F[prow] * Vy).sum(1) / T).sum().reshape(1)
-    loss = _comm.all_reduce_(part, "sum", group)[0] / Bg
+    part = ((lse[prow] - (F[prow] * Vy).sum(1) / T).sum() / Bg).reshape(1)
+    p_grad = None
+    if proximal > 0 and prow.numel():
+        p_loss, p_grad = proximal_terms(F[prow], Vy, proximal, batch=Bg)
+        part = part + p_loss
+    loss = _comm.all_reduce_(part, "sum", group)[0]
     grad = None
     if need_grad:
-        grad = torch.zeros_like(F)
-        for a in range(0, bank.shape[0], ROW_CHUNK):
-            Vc = bank[a:a + ROW_CHUNK].to(F.dtype)
-            grad += torch.exp(F @ Vc.t() / T - lse[:, None]) @ Vc
+        grad = A.mul_((w / lsum_all)[:, None])                   # sum_j softmax_j V[j] over this shard
         grad.index_add_(0, prow, -Vy)
         grad /= T * Bg
+        if p_grad is not None:
+            grad.index_add_(0, prow, p_grad)
     return loss, grad
 
 

@@ -12,16 +12,16 @@ loss, the usual DDP convention.) No collective runs in backward.
 from __future__ import annotations
 
 import math
-
 import struct
 
 import torch
 from torch import nn
 
-from .. import _backend, _validate, reference
+from .. import _backend, _validate
 from .._backend import BACKENDS
-from ..memory_bank import MemoryBank
+from ..memory_bank import MemoryBank, uniform_init
 from ..ops import knn as _knn
+from ..ops._formulas import opmath
 from ..ops.bank_update import backend_after_loss, bank_update_
 from ..ops.nce import draw_negatives, nce_loss
 from ..ops.nce_shared import draw_shared_negatives, shared_entries
@@ -54,7 +54,7 @@ def _block_init(lo, hi, dim, seed, dtype, device):
     for b in range(lo // INIT_BLOCK, -(-hi // INIT_BLOCK)):
         a = b * INIT_BLOCK
         g = torch.Generator(device=device).manual_seed(seed + b)
-        rows = reference.init_memory(min(INIT_BLOCK, hi - a), dim, generator=g, dtype=dtype, device=device)
+        rows = uniform_init(min(INIT_BLOCK, hi - a), dim, generator=g, dtype=dtype, device=device)
         s, e = max(a, lo), min(a + rows.shape[0], hi)
         out[s - lo:e - lo] = rows[s - a:e - a]
     return out
@@ -272,7 +272,7 @@ class DistributedInstDiscLoss(nn.Module):
             neg_indices = draw_negatives(indices, self.num_samples, self.num_negatives, generator=self.generator)
         neg = neg_indices.long()
         idx = torch.cat([indices.view(-1, 1), neg.expand(indices.shape[0], -1) if neg.dim() == 1 else neg], 1)
-        acc = _sharded.acc_dtype(features.dtype)
+        acc = opmath(features.dtype)
         rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
         s = _sharded.entry_scores(features.detach().to(acc), self.memory, rows, idx.reshape(-1))
         # in log space, like the single-process kernels: the max of s/T over all ranks first, so
@@ -302,7 +302,7 @@ class DistributedInstDiscLoss(nn.Module):
         if self.num_negatives == 0:
             local = nonparametric_softmax_loss(features, mem, indices, temperature=self.temperature,
                                                momentum=self.bank.momentum, update_memory=False,
-                                               validate=False, backend=self.backend)
+                                               validate=False, backend=self.backend, proximal=self.proximal)
         else:
             if self.negatives == "shared" and neg_indices is None:
                 neg_indices = draw_shared_negatives(indices, self.num_samples, self.num_negatives,
@@ -328,10 +328,10 @@ class DistributedInstDiscLoss(nn.Module):
         mem, W = self.memory, self.world_size
         Fg_raw = _comm.all_gather_rows(features.detach(), sizes, self.group)
         yg = _comm.all_gather_rows(indices, sizes, self.group)
-        F = Fg_raw.to(_sharded.acc_dtype(features.dtype))
+        F = Fg_raw.to(opmath(features.dtype))
         if self.num_negatives == 0:
             loss, grad = _sharded.exact_softmax(F, yg, mem, lo, temperature=self.temperature,
-                                                need_grad=any_grad, group=self.group)
+                                                need_grad=any_grad, group=self.group, proximal=self.proximal)
         else:
             if self.negatives == "shared" and neg_indices is None:
                 K = self.num_negatives
@@ -409,11 +409,11 @@ class DistributedInstDiscLoss(nn.Module):
                 vals = _comm.all_to_all_rows(vals, sub, recv, self.group)
                 idx = _comm.all_to_all_rows(idx, sub, recv, self.group)
                 vals, idx = _sharded.merge_topk(vals, idx, self.world_size, k)
-            scores = torch.zeros(qb.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
-            scores.scatter_add_(1, bank_labels[idx], torch.exp(vals / T))
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-            hits[0] += (order[:, 0] == lab).sum()
-            hits[1] += (order[:, :min(5, num_classes)] == lab.view(-1, 1)).any(1).sum()
+            # knn_accuracy's weights and ranking (ops/knn.py): exp((sim - best sim) / T)
+            scores = _knn._scores(vals, idx, bank_labels, T, num_classes, relative=True)
+            h1, h5 = _knn.topk_hits(scores, lab, num_classes)
+            hits[0] += h1
+            hits[1] += h5
         _comm.all_reduce_(hits, "sum", self.group)
         n = sum(qsizes)
         return 100.0 * float(hits[0]) / n, 100.0 * float(hits[1]) / n
@@ -424,25 +424,15 @@ class DistributedInstDiscLoss(nn.Module):
             raise ValueError(f"queries must have shape (Q, {self.dim}), got {tuple(queries.shape)}")
         if queries.dtype not in _validate.FLOAT_DTYPES:
             raise TypeError(f"queries must be a floating tensor, got {queries.dtype}")
+        _knn.check_search_args(k, self.num_samples, T, num_classes)     # ops/knn.py's checks
         for name, t, n in (("query_labels", query_labels, queries.shape[0]),
                            ("bank_labels", bank_labels, self.num_samples)):
-            _validate.check_tensor(name, t)
-            if t.dtype not in (torch.int64, torch.int32) or t.shape != (n,):
-                raise ValueError(f"{name} must be an integer tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+            _knn._check_labels(name, t, n, num_classes)
             if t.numel() and int(t.min()) < 0:
                 raise ValueError(f"{name} contains {int(t.min())}, labels must be >= 0")
         _validate.check_same_device(queries=queries, query_labels=query_labels, bank_labels=bank_labels,
                                     memory=self.memory)
-        _validate.check_positive_int(k, "k")
-        if k > self.num_samples:
-            raise ValueError(f"k={k} is larger than the number of bank rows N={self.num_samples}")
-        _validate.check_temperature(T)
         _validate.check_positive_int(batch_size, "batch_size")
-        if num_classes is not None:
-            _validate.check_positive_int(num_classes, "num_classes")
-            for name, t in (("query_labels", query_labels), ("bank_labels", bank_labels)):
-                if t.numel() and int(t.max()) >= num_classes:
-                    raise ValueError(f"{name} contains {int(t.max())}, out of range [0, {num_classes})")
         if queries.numel():
             _validate.check_finite("queries", queries)
 

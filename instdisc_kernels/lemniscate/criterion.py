@@ -12,31 +12,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._formulas import nce_grad_probs, nce_loss_from_probs
 from . import _args
 from .nce_average import fused_node
-
-EPS = 1e-7
 
 
 def criterion_loss(p, num_samples):
     """The loss from P (B x (K+1)), accumulated in float64, as a (1,) tensor of P's dtype."""
-    B, K = p.shape[0], p.shape[1] - 1
-    kpn = K / num_samples
-    pos = torch.log1p((kpn + EPS) / p[:, 0]).sum(dtype=torch.float64)      # -log(P0 / (P0 + c))
-    neg = torch.log1p((p[:, 1:] + EPS) / kpn).sum(dtype=torch.float64)    # -log(K Pn / (Pk + c))
-    return ((pos + neg) / B).to(p.dtype).reshape(1)
+    return nce_loss_from_probs(p, (p.shape[1] - 1) / num_samples).to(p.dtype).reshape(1)
 
 
 def criterion_grad(p, num_samples, grad_loss):
     """dloss/dP times grad_loss (a (1,) tensor)."""
-    B, K = p.shape[0], p.shape[1] - 1
-    c = K / num_samples + EPS
-    scale = grad_loss.to(p.dtype) / B
-    g = p + c
-    torch.div(scale, g, out=g)                                             # negatives: 1 / (P + c) / B
-    p0 = p[:, 0]
-    g[:, 0] = -(c / (p0 * (p0 + c))) * scale                              # positive: -(1/P0 - 1/(P0 + c)) / B
-    return g
+    return nce_grad_probs(p, (p.shape[1] - 1) / num_samples, grad_loss.to(p.dtype))
 
 
 class _Criterion(torch.autograd.Function):

@@ -16,6 +16,7 @@ import math
 import torch
 
 from .. import _backend, _validate
+from ..memory_bank import uniform_init
 from ..ops import nce_probs as _probs
 from ..ops.bank_update import backend_after_loss
 from . import _args, _nce_average_ops
@@ -23,9 +24,8 @@ from ._bank_log import LoggedBankModule, nce_correction_
 
 
 def init_memory(outputSize, inputSize):
-    """lemniscate's bank: uniform(-s, s), s = 1 / sqrt(inputSize / 3), rows not normalised."""
-    stdv = 1.0 / math.sqrt(inputSize / 3)
-    return torch.rand(outputSize, inputSize).mul_(2 * stdv).add_(-stdv)
+    """lemniscate's bank (memory_bank.uniform_init), from the default RNG as the original draws it."""
+    return uniform_init(outputSize, inputSize)
 
 
 class UniformSampler:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate
+from ._formulas import opmath
 
 
 def normalize_rows(v, old):
@@ -34,7 +35,7 @@ def normalize_rows(v, old):
 @torch.library.custom_op("instdisc::bank_update_eager_", mutates_args=("memory",))
 def bank_update_eager_(memory: torch.Tensor, indices: torch.Tensor, features: torch.Tensor,
                        momentum: float) -> None:
-    acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    acc = opmath(memory.dtype)
     B = indices.shape[0]
     old = memory[indices]
     v = normalize_rows(momentum * old.to(acc) + (1 - momentum) * features.to(acc), old)

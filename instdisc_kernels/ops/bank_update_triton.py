@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._formulas import opmath
+
 
 @triton.jit
 def _bank_update_kernel(mem_ptr, idx_ptr, feat_ptr, B, D, momentum, tiny,
@@ -81,7 +83,7 @@ def bank_update_triton_(memory: torch.Tensor, indices: torch.Tensor, features: t
     if B == 0:
         return
     acc = tl.float64 if memory.dtype == torch.float64 else tl.float32
-    info = torch.finfo(torch.float64 if memory.dtype == torch.float64 else torch.float32)
+    info = torch.finfo(opmath(memory.dtype))
     block_d, block_b, num_warps = _launch_params(B, D)
     _bank_update_kernel[(B,)](memory, indices.contiguous(), features.contiguous(), B, D, float(momentum),
                               info.tiny / info.eps, ACC=acc, BLOCK_D=block_d, BLOCK_B=block_b,

@@ -55,14 +55,11 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _validate
+from ._formulas import opmath
 
 DEFAULT_CHUNK = 65536
 DEFAULT_QUERY_BATCH = 128
 GROUP = 8
-
-
-def _opmath(*dtypes):
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 # --------------------------------------------------------------------------- #
@@ -172,7 +169,7 @@ def _index_fn(run_i, gid, start):
 def knn_topk(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_QUERY_BATCH):
     """(values, indices), each (Q, k): the k most similar bank rows per query,
     sorted by (similarity desc, index asc); no input checks (see knn_predict)."""
-    acc = _opmath(queries.dtype, bank.dtype)
+    acc = opmath(queries.dtype, bank.dtype)
     N = bank.shape[0]
     Q = queries.shape[0]
     batches = [(qs, queries[qs:qs + query_batch].to(acc)) for qs in range(0, Q, query_batch)]
@@ -217,7 +214,7 @@ if _backend.op_handle("knn_topk") is not None:
     @torch.library.register_fake("instdisc::knn_topk")
     def _knn_topk_fake(queries, bank, k, chunk_size, portable):
         Q = queries.shape[0]
-        return (queries.new_empty((Q, k), dtype=_opmath(queries.dtype, bank.dtype)),
+        return (queries.new_empty((Q, k), dtype=opmath(queries.dtype, bank.dtype)),
                 queries.new_empty((Q, k), dtype=torch.int64))
 
     # whether the kernel's AVX512-BF16 prefilter runs here ("auto" picks the kernel only then)
@@ -234,7 +231,7 @@ def knn_topk_cpp(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
 
 
 def _topk_full(queries, bank, k):
-    acc = _opmath(queries.dtype, bank.dtype)
+    acc = opmath(queries.dtype, bank.dtype)
     sim = queries.to(acc) @ bank.to(acc).t()                          # Q x N
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
     return sim.gather(1, order), order
@@ -293,19 +290,24 @@ def _num_classes(num_classes, **labels):
     return top + 1
 
 
+def check_search_args(k, num_rows, temperature, num_classes):
+    """k, temperature and num_classes of a kNN over a bank of num_rows rows (also the distributed bank's)."""
+    _validate.check_positive_int(k, "k")
+    if k > num_rows:
+        raise ValueError(f"k={k} is larger than the number of bank rows N={num_rows}")
+    _validate.check_temperature(temperature)
+    if num_classes is not None:
+        _validate.check_positive_int(num_classes, "num_classes")
+
+
 def _check_common(queries, bank, bank_labels, k, temperature, num_classes, validate, chunk_size, query_batch):
     _validate.check_float_matrix("bank", bank)
     _validate.check_float_matrix("queries", queries, dim=bank.shape[1])
     _validate.check_same_device(queries=queries, bank=bank, bank_labels=bank_labels)
     _check_labels("bank_labels", bank_labels, bank.shape[0], None)
-    _validate.check_positive_int(k, "k")
-    if k > bank.shape[0]:
-        raise ValueError(f"k={k} is larger than the number of bank rows N={bank.shape[0]}")
-    _validate.check_temperature(temperature)
+    check_search_args(k, bank.shape[0], temperature, num_classes)
     _validate.check_positive_int(chunk_size, "chunk_size")
     _validate.check_positive_int(query_batch, "query_batch")
-    if num_classes is not None:
-        _validate.check_positive_int(num_classes, "num_classes")
     if validate:
         _validate.check_finite("queries", queries)
         _validate.check_finite("bank", bank)
@@ -322,6 +324,14 @@ def _scores(vals, idx, bank_labels, temperature, num_classes, *, relative=False)
     scores = torch.zeros(vals.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
     scores.scatter_add_(1, bank_labels.long()[idx], w)
     return scores
+
+
+def topk_hits(scores, labels, num_classes):
+    """(top-1, top-5) hit counts (0-dim int64 tensors) of class scores (top-5 is top-C when
+    C < 5); class-score ties go to the lower class index."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)]
+    lab = labels.long().view(-1, 1)
+    return (order[:, :1] == lab).sum(), (order == lab).any(1).sum()
 
 
 @torch.no_grad()
@@ -367,14 +377,12 @@ def knn_accuracy(queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.
         _validate.check_index_range("bank_labels", bank_labels, num_classes)
         _validate.check_index_range("query_labels", query_labels, num_classes)
     top1 = top5 = 0
-    k5 = min(5, num_classes)
     for s in range(0, queries.shape[0], batch_size):
         vals, idx = search(queries[s:s + batch_size], bank, k, backend=backend, chunk_size=chunk_size,
                            query_batch=query_batch, op="knn_accuracy")
         sc = _scores(vals, idx, bank_labels, temperature, num_classes, relative=True)
-        order = torch.sort(sc, dim=1, descending=True, stable=True).indices[:, :k5]
-        lab = query_labels[s:s + batch_size].long().view(-1, 1)
-        top1 += int((order[:, :1] == lab).sum())
-        top5 += int((order == lab).any(1).sum())
+        h1, h5 = topk_hits(sc, query_labels[s:s + batch_size], num_classes)
+        top1 += int(h1)
+        top5 += int(h5)
     n = queries.shape[0]
     return 100.0 * top1 / n, 100.0 * top5 / n

@@ -38,14 +38,10 @@ import torch
 
 from .. import _backend, _validate
 from . import _saved_grad
+from ._formulas import add_proximal, nce_negative, nce_positive, opmath
 from .bank_update import backend_after_loss, bank_update_
 
 LOSS_TYPES = {"nce": 0, "infonce": 1}
-EPS = 1e-7
-
-
-def _opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- #
@@ -59,7 +55,7 @@ def nce_forward_eager(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if neg_indices is None:
         raise ValueError("the eager backend needs explicit neg_indices (nce_loss draws them)")
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     B, N = features.shape[0], memory.shape[0]
     K = num_negatives
     T = temperature
@@ -84,31 +80,20 @@ def nce_forward_eager(
             log_ema = torch.log(zc.clamp(min=0))
         log_z = torch.where(zc <= 0, log_est, log_ema)
         z_out = torch.exp(log_z).to(torch.float32).reshape(1)
-        if noise_probs is None:
-            kp = torch.full_like(t, K / N)
-        else:
-            kp = K * noise_probs[idx].to(acc)
-        log_c = torch.log(kp + EPS)
+        kp = K / N if noise_probs is None else K * noise_probs[idx].to(acc)
+        kp0, kpk = (kp, kp) if noise_probs is None else (kp[:, 0], kp[:, 1:])
         lp = t - log_z                                                 # log P, P = exp(s/T) / Z
-        # -log(P / (P + c)) = softplus(log c - lp); -log(K Pn / (P + c)) = logaddexp(lp, log c) - log(K Pn)
-        ln_pos = torch.nn.functional.softplus(log_c[:, 0] - lp[:, 0])
-        ln_neg = torch.logaddexp(lp[:, 1:], log_c[:, 1:]) - torch.log(kp[:, 1:])
+        ln_pos, d_pos = nce_positive(lp[:, 0], kp0)
+        ln_neg, d_neg = nce_negative(lp[:, 1:], kpk)
         loss = (ln_pos.sum() + ln_neg.sum()) / B
-        # dloss/dP * P: -c / (P + c) for the positive, P / (P + c) for the negatives
-        coef = torch.sigmoid(lp - log_c)
-        coef[:, 0] -= 1
-        coef = coef / (T * B)
+        coef = torch.cat([d_pos[:, None], d_neg], 1) / (T * B)         # dloss/ds
     grad = torch.einsum("bk,bkd->bd", coef, Vg)
-    if proximal > 0:
-        diff = F - memory[indices].to(acc)
-        loss = loss + proximal * (diff * diff).sum() / B
-        grad = grad + 2 * proximal * diff / B
-    return loss, grad, z_out
+    return add_proximal(loss, grad, F, Vg[:, 0], proximal) + (z_out,)
 
 
 def _nce_forward_fake(features, memory, indices, neg_indices, z, seed, num_negatives, temperature,
                       proximal, loss_type, z_ema, exclude_positive, noise_probs):
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     return (features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc),
             z.new_empty((1,), dtype=torch.float32))
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-
-EPS = 1e-7  # lemniscate's NCECriterion eps
-
-
-def _opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._formulas import (
+    nce_grad_probs,
+    nce_loss_from_probs,
+    nce_negative,
+    nce_positive,
+    opmath,
+)
 
 
 def probs_eager(features, memory, idx, z, temperature):
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     s = torch.einsum("bkd,bd->bk", memory[idx].to(acc), features.to(acc))
     e = torch.exp(s / temperature)
     zc = z.reshape(()).to(acc)
@@ -36,10 +37,10 @@ def probs_loss_eager(features, memory, idx, z, temperature):
     P, z_out = probs_eager(features, memory, idx, z, temperature)
     B, K = P.shape[0], P.shape[1] - 1
     kpn = K / memory.shape[0]
-    c = kpn + EPS
-    loss = (torch.log1p(c / P[:, 0]).sum() + torch.log1p((P[:, 1:] + EPS) / kpn).sum()) / B
-    coef = torch.cat([-c / (P[:, :1] + c), P[:, 1:] / (P[:, 1:] + c)], 1) / (B * temperature)
-    grad_probs = torch.cat([-c / (P[:, :1] * (P[:, :1] + c)), 1 / (P[:, 1:] + c)], 1) / B
+    loss = nce_loss_from_probs(P, kpn).to(P.dtype)
+    logp = torch.log(P)
+    coef = torch.cat([nce_positive(logp[:, :1], kpn)[1], nce_negative(logp[:, 1:], kpn)[1]], 1) / (B * temperature)
+    grad_probs = nce_grad_probs(P, kpn)
     return P, loss, probs_backward_eager(coef, torch.ones_like(P), memory, idx, 1.0), grad_probs, z_out
 
 
@@ -119,7 +120,7 @@ def nce_probs_loss(features, memory, idx, z, temperature, backend):
 # Fake (meta) kernels of the C++ ops (schemas in csrc/instdisc.cpp), for torch.compile / opcheck:
 # outputs in the opmath dtype of the features (float64 for float64 features, else float32), Z float32.
 def _probs_fake(features, memory, idx, z, temperature):
-    return (features.new_empty((features.shape[0], idx.shape[1]), dtype=_opmath(features.dtype)),
+    return (features.new_empty((features.shape[0], idx.shape[1]), dtype=opmath(features.dtype)),
             features.new_empty((1,), dtype=torch.float32))
 
 
@@ -128,7 +129,7 @@ def _probs_backward_fake(grad_probs, probs, memory, idx, temperature):
 
 
 def _probs_loss_fake(features, memory, idx, z, temperature):
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     B, K1 = idx.shape
     return (features.new_empty((B, K1), dtype=acc), features.new_empty((), dtype=acc),
             features.new_empty(features.shape, dtype=acc), features.new_empty((B, K1), dtype=acc),

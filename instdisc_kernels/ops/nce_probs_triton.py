@@ -31,6 +31,7 @@ from .nce_triton import (
     _launch_params,
     _row_stride,
 )
+from ._formulas import opmath
 
 # --------------------------------------------------------------------------- #
 # Kernels                                                                      #
@@ -151,7 +152,7 @@ def nce_probs_triton(features: torch.Tensor, memory: torch.Tensor, idx: torch.Te
 
 @nce_probs_triton.register_fake
 def _(features, memory, idx, z, temperature):
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc = opmath(features.dtype)
     return (features.new_empty((features.shape[0], idx.shape[1]), dtype=acc),
             z.new_empty((1,), dtype=torch.float32))
 

@@ -79,8 +79,9 @@ import torch
 
 from .. import _backend, _validate
 from . import _saved_grad
-from .nce import EPS, LOSS_TYPES, _opmath, draw_negatives, finish_step
+from ._formulas import EPS, nce_negative, nce_positive, opmath, proximal_terms
 from .bank_update import backend_after_loss
+from .nce import LOSS_TYPES, draw_negatives, finish_step
 from .softmax import PRECISIONS, default_chunk_size
 
 LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
@@ -131,8 +132,7 @@ def positive_terms(F, Vy, temperature, proximal):
     """Positive logits s0/T (acc) and the proximal (loss, grad) pieces."""
     t0 = (F * Vy).sum(1) / temperature
     if proximal > 0:
-        diff = F - Vy
-        return t0, proximal * (diff * diff).sum() / F.shape[0], 2 * proximal * diff / F.shape[0]
+        return (t0,) + proximal_terms(F, Vy, proximal)
     return t0, None, None
 
 
@@ -255,7 +255,7 @@ def _log_sum_exp_all(tiles, extra):
 def forward_chunked(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
                     exclude_positive, noise_probs, precision="fp32", chunk_size=0):
     """(loss, grad, z_out) by the op contract, with tiled ATen GEMMs."""
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     cd = torch.bfloat16 if precision == "bf16" else acc
     B, D = features.shape
     N, K = memory.shape[0], neg_indices.shape[0]
@@ -319,7 +319,7 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
 def forward_full(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
                   exclude_positive, noise_probs, precision="fp32", chunk_size=0):
     """(loss, grad, z_out) through the full B x K block (chunk_size is ignored)."""
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     cd = torch.bfloat16 if precision == "bf16" else acc
     B = features.shape[0]
     N, K = memory.shape[0], neg_indices.shape[0]
@@ -346,17 +346,14 @@ def forward_full(features, memory, indices, neg_indices, z, temperature, proxima
         z_out = torch.exp(log_z).to(torch.float32).reshape(1)
     else:
         log_z = combine_log_z(None, z, 0.0)
-    # log P - log c, with P = exp(s/T) / Z: -log(P0/(P0+c0)) = softplus(-x0),
-    # -log((c-EPS)/(P+c)) = softplus(x) + log(c/(c-EPS)); d/ds: sigmoid(x)/T, -sigmoid(-x0)/T
-    c = noise_c(neg_indices, N, K, noise_probs, acc).expand(B, K)
-    c0 = noise_c(indices, N, K, noise_probs, acc)
-    x = s - log_z.to(acc) - torch.log(c)
-    x0 = t0 - log_z.to(acc) - torch.log(c0)
-    sp = torch.nn.functional.softplus
-    ln_neg = torch.where(keep, sp(x) + torch.log(c / (c - EPS)), 0)
-    loss = (sp(-x0).sum().double() + ln_neg.sum().double()) / B
-    coef = torch.where(keep, torch.sigmoid(x), 0)
-    grad = (torch.mm(coef.to(cd), G).to(acc) - torch.sigmoid(-x0)[:, None] * Vy) / (T * B)
+    # lemniscate's terms of log P = s/T - log Z (ops/_formulas.py), masked entries dropped
+    kp = K / N if noise_probs is None else K * noise_probs[neg_indices].to(acc)
+    kp0 = K / N if noise_probs is None else K * noise_probs[indices].to(acc)
+    ln_neg, d_neg = nce_negative(s - log_z.to(acc), kp)
+    ln_pos, d_pos = nce_positive(t0 - log_z.to(acc), kp0)
+    loss = (ln_pos.sum().double() + torch.where(keep, ln_neg, 0).sum().double()) / B
+    coef = torch.where(keep, d_neg, 0)
+    grad = (torch.mm(coef.to(cd), G).to(acc) + d_pos[:, None] * Vy) / (T * B)
     loss = loss.to(acc)
     return _finish(loss, grad, prox_loss, prox_grad, z_out)
 
@@ -382,7 +379,7 @@ def define_op(name, impl):
 
 def _fake(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema, exclude_positive,
           noise_probs, precision, chunk_size):
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     return (features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc),
             z.new_empty((1,), dtype=torch.float32))
 

@@ -32,6 +32,7 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from . import nce_shared as _shared
 from . import softmax_triton as _softmax
+from ._formulas import opmath
 
 
 @triton.jit
@@ -123,7 +124,7 @@ class _Launcher:
 
 def forward_triton(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
                    exclude_positive, noise_probs, precision="fp32", chunk_size=0):
-    out = torch.float64 if features.dtype == torch.float64 else torch.float32
+    out = opmath(features.dtype)
     acc = torch.float32
     B = features.shape[0]
     N, K = memory.shape[0], neg_indices.shape[0]

@@ -64,6 +64,9 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from ._formulas import EPS
+
+_EPS = tl.constexpr(EPS)   # lemniscate's eps, read by the kernel
 
 # --------------------------------------------------------------------------- #
 # Device helpers                                                               #
@@ -212,7 +215,7 @@ def _nce_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, noise_ptr, seed_ptr, zbuf_ptr
                 cneg = k_float * tl.load(noise_ptr + idx, mask=kmask, other=1.0)   # K * Pn
             else:
                 cneg = c_uniform                                                  # K / N
-            c = cneg + 1e-7
+            c = cneg + _EPS
             pos = offs_k == 0
             # -log(P/(P+c)) for the positive, -log(K Pn/(P+c)) for negatives;
             # coef = dloss/dP * P (times 1/(T B), applied in _combine_kernel)

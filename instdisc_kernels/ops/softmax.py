@@ -8,13 +8,17 @@
 Op contract, shared by every backend::
 
     softmax_forward_<impl>(features (B,D), memory (N,D), indices (B,) int64,
-                           temperature T, precision "fp32" | "bf16", chunk_size)
+                           temperature T, precision "fp32" | "bf16", chunk_size,
+                           proximal lambda = 0)
         -> (loss 0-dim, grad_features (B,D))
 
 * loss and grad_features are float64 for float64 features, else float32;
   grad_features is dloss/dfeatures, computed in the same pass as the loss
   (backward only scales it by grad_output). The bank is a constant for the
   gradient and is only read; the update is the separate op bank_update_.
+* proximal (eq. 9 of the paper, as in ops/nce.py): adds
+  lambda/B * sum_b ||F[b] - V[y[b]]||^2 to the loss and 2 lambda (F[b] - V[y[b]]) / B
+  to the gradient, V the bank before this step's update (ops/_formulas.py).
 * One streaming pass over the bank in chunks of ``chunk_size`` rows with an
   online log-sum-exp: per chunk S = F V_c^T / T, running row max m, running
   sum l = sum exp(S - m) and running A = sum exp(S - m) V_c, rescaled by
@@ -68,13 +72,10 @@ import torch
 from .. import _backend, _validate
 from . import _saved_grad
 from . import bank_update as _bank_update_mod
+from ._formulas import add_proximal, opmath
 
 PRECISIONS = ("fp32", "bf16")
 BF16_U = 2.0 ** -8
-
-
-def _opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_chunk_size(batch: int, num_rows: int) -> int:
@@ -100,20 +101,34 @@ def bf16_error_bound(features, memory, temperature):
 # --------------------------------------------------------------------------- #
 # Chunked ATen implementation ("eager" backend)                                #
 # --------------------------------------------------------------------------- #
-def forward_chunked(features, memory, indices, temperature, precision="fp32", chunk_size=0):
-    """(loss, grad_features): one streaming pass with an online log-sum-exp.
+def forward_chunked(features, memory, indices, temperature, precision="fp32", chunk_size=0, proximal=0.0):
+    """(loss, grad_features): one streaming pass with an online log-sum-exp."""
+    acc = opmath(features.dtype)
+    B = features.shape[0]
+    F = features.to(acc)
+    m, l, A = online_state(F, memory, temperature, precision, chunk_size)
+    Vy = memory[indices].to(acc)
+    pos = (F * Vy).sum(1) / temperature
+    loss = (m + torch.log(l) - pos).mean()
+    grad = (A / l[:, None] - Vy) / (temperature * B)
+    return add_proximal(loss, grad, F, Vy, proximal)
+
+
+def online_state(F, memory, temperature, precision="fp32", chunk_size=0):
+    """(m, l, A) after one streaming pass over the bank rows ``memory``, with S = F V^T / T:
+    m[b] = max_j S[b,j], l[b] = sum_j exp(S[b,j] - m[b]), A[b] = sum_j exp(S[b,j] - m[b]) V[j]
+    (F already in the op's dtype). The sharded bank merges these across shards.
 
     Every per-chunk block lives in buffers allocated once per call (``out=`` and
     in-place ops): fresh B x chunk allocations per chunk would page-fault anew
     whenever the allocator has returned memory to the OS (measured 8x slower
     right after an eager step had freed its 1.2 GB logits)."""
-    acc = _opmath(features.dtype)
+    acc = F.dtype
     cd = torch.bfloat16 if precision == "bf16" else acc        # dtype of the chunk products
-    B, D = features.shape
+    B, D = F.shape
     N = memory.shape[0]
     chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, N), N)
-    dev = features.device
-    F = features.to(acc)
+    dev = F.device
     Fs = (F / temperature).to(cd)
     m = torch.full((B,), float("-inf"), dtype=acc, device=dev)
     l = torch.zeros(B, dtype=acc, device=dev)
@@ -155,19 +170,15 @@ def forward_chunked(features, memory, indices, temperature, precision="fp32", ch
         else:
             A.addmm_(S, Vc)
         m, m_new = m_new, m                                 # swap buffers: m holds the new max
-    Vy = memory[indices].to(acc)
-    pos = (F * Vy).sum(1) / temperature
-    loss = (m + torch.log(l) - pos).mean()
-    grad = (A / l[:, None] - Vy) / (temperature * B)
-    return loss, grad
+    return m, l, A
 
 
 # --------------------------------------------------------------------------- #
 # The full B x N logits (cross-checks; not a backend)                          #
 # --------------------------------------------------------------------------- #
-def forward_full(features, memory, indices, temperature, precision="fp32"):
+def forward_full(features, memory, indices, temperature, precision="fp32", proximal=0.0):
     """(loss, grad_features) through the full B x N logits, the way eager code does it."""
-    acc = _opmath(features.dtype)
+    acc = opmath(features.dtype)
     cd = torch.bfloat16 if precision == "bf16" else acc
     B = features.shape[0]
     F = features.to(acc)
@@ -178,18 +189,18 @@ def forward_full(features, memory, indices, temperature, precision="fp32"):
     pos = (F * Vy).sum(1) / temperature
     loss = (torch.logsumexp(logits, dim=1) - pos).mean()
     grad = (torch.mm(p.to(cd), V).to(acc) - Vy) / (temperature * B)
-    return loss, grad
+    return add_proximal(loss, grad, F, Vy, proximal)
 
 
 @torch.library.custom_op("instdisc::softmax_forward_chunked", mutates_args=())
 def softmax_forward_chunked(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor,
-                            temperature: float, precision: str, chunk_size: int
+                            temperature: float, precision: str, chunk_size: int, proximal: float = 0.0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward_chunked(features, memory, indices, temperature, precision, chunk_size)
+    return forward_chunked(features, memory, indices, temperature, precision, chunk_size, proximal)
 
 
-def _forward_fake(features, memory, indices, temperature, precision, chunk_size):
-    acc = _opmath(features.dtype)
+def _forward_fake(features, memory, indices, temperature, precision, chunk_size, proximal=0.0):
+    acc = opmath(features.dtype)
     return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
 
 
@@ -218,7 +229,7 @@ TABLE = _backend.OpTable(
 def nonparametric_softmax_loss(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor, *,
                                temperature: float = 0.07, momentum: float = 0.5, update_memory: bool = True,
                                validate: bool = True, backend: str = "auto", precision: str = "fp32",
-                               chunk_size: int | None = None) -> torch.Tensor:
+                               chunk_size: int | None = None, proximal: float = 0.0) -> torch.Tensor:
     """Exact non-parametric softmax loss over all N bank rows (SPEC 1.2), mean over the batch.
 
     Args:
@@ -235,12 +246,15 @@ def nonparametric_softmax_loss(features: torch.Tensor, memory: torch.Tensor, ind
             bound in the module docstring).
         chunk_size: bank rows per chunk (None: default_chunk_size on "eager",
             the kernel's own tiling on "triton").
+        proximal: lambda of the proximal term lambda/B sum_b ||F[b] - V[y[b]]||^2 against
+            the bank rows before the update (0 disables it; every backend).
     Returns:
         0-dim loss tensor (float32; float64 for float64 features).
     """
     _validate.check_features_memory_indices(features, memory, indices, values=validate)
     _validate.check_temperature(temperature)
     _validate.check_momentum(momentum)
+    _validate.check_nonneg_number(proximal, "proximal")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if chunk_size is not None:
@@ -250,7 +264,7 @@ def nonparametric_softmax_loss(features: torch.Tensor, memory: torch.Tensor, ind
     be = TABLE.select(backend, features.device)
     indices = indices.long().contiguous()
     loss, grad = TABLE[be](features.contiguous(), memory, indices, float(temperature), precision,
-                                 int(chunk_size or 0))
+                           int(chunk_size or 0), float(proximal))
     if validate:   # every bank row is read: a NaN/inf one makes loss or gradient non-finite
         _validate.check_loss_result("nonparametric_softmax_loss", memory, loss, grad, temperature=temperature)
     if update_memory:

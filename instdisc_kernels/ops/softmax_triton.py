@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from ._formulas import add_proximal, opmath
 
 
 @triton.jit
@@ -117,9 +118,10 @@ def _launch_params(B, N, D, rows_per_split, precision, device):
     return block_b, block_n, block_d, num_warps, n_row_blocks, rows_per_split, splits
 
 
-def forward_triton(features, memory, indices, temperature, precision="fp32", chunk_size=0):
-    """(loss, grad_features); chunk_size > 0 sets the bank rows per program (split)."""
-    out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+def forward_triton(features, memory, indices, temperature, precision="fp32", chunk_size=0, proximal=0.0):
+    """(loss, grad_features); chunk_size > 0 sets the bank rows per program (split); proximal:
+    lambda of the proximal term on the positives' rows (added after the merge, ops/_formulas.py)."""
+    out_dtype = opmath(features.dtype)
     B, D = features.shape
     N = memory.shape[0]
     F = features.contiguous()
@@ -150,11 +152,12 @@ def forward_triton(features, memory, indices, temperature, precision="fp32", chu
     pos = (Ff * Vy).sum(1) / temperature
     loss = (m_all + torch.log(l_all) - pos).mean()
     grad = (A_all / l_all[:, None] - Vy) / (temperature * B)
+    loss, grad = add_proximal(loss, grad, Ff, Vy, proximal)
     return loss.to(out_dtype), grad.to(out_dtype)
 
 
 @torch.library.custom_op("instdisc::softmax_forward_triton", mutates_args=())
 def softmax_forward_triton(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor,
-                           temperature: float, precision: str, chunk_size: int
+                           temperature: float, precision: str, chunk_size: int, proximal: float = 0.0
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward_triton(features, memory, indices, temperature, precision, chunk_size)
+    return forward_triton(features, memory, indices, temperature, precision, chunk_size, proximal)

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from ._formulas import opmath
 from .softmax import default_chunk_size
 
 Z_POLICIES = ("first-batch", "ema", "ema-bc", "batch", "exact")
@@ -63,7 +64,7 @@ def check_policy(z, z_ema=0.99, z_every=DEFAULT_EVERY):
 def log_partition(features, memory, temperature, chunk_size=None):
     """(B,) lse_b = log sum_j exp(V[j].F[b] / T) over all N bank rows, in one
     streaming pass of B x chunk blocks (float64 for float64 features, else float32)."""
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc = opmath(features.dtype)
     B, N = features.shape[0], memory.shape[0]
     chunk = min(chunk_size or default_chunk_size(B, N), N)
     Fs = features.detach().to(acc) / temperature

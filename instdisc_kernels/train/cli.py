@@ -72,19 +72,19 @@ def build_parser(suppress=False):
              f"bank; infonce: softmax cross-entropy over the K+1 sampled scores (digits {D['loss']}, "
              "otherwise nce)")
     add(g, "--nce-k", type=int, help=f"K, negatives per sample (digits {D['nce_k']}, otherwise 4096)")
-    add(g, "--negatives", default="per-sample", choices=("per-sample", "shared"),
+    add(g, "--negatives", choices=("per-sample", "shared"),
         help="NCE/InfoNCE negatives: per-sample (K per image, lemniscate; default) or shared (one set of K "
              "for the whole batch: two GEMMs, see ops/nce_shared.py)")
     add(g, "--nce-t", type=float, help="temperature T (digits/cifar10 0.1, imagefolder 0.07)")
     add(g, "--nce-m", default=0.5, type=float, help="memory bank momentum m (default: 0.5)")
-    add(g, "--z", default=z_policy.DEFAULT_POLICY, metavar="{" + ",".join(z_policy.Z_POLICIES) + "} or NUMBER",
+    add(g, "--z", metavar="{" + ",".join(z_policy.Z_POLICIES) + "} or NUMBER",
         help=f"NCE normaliser Z (docs/learning.md): batch: re-estimated from every batch's sampled scores; "
              f"first-batch: lemniscate's, frozen after the first batch (collapses on digits); ema / ema-bc: "
              f"moving average (factor 0.99; ema-bc bias-corrected); exact: the exact partition function over "
              f"the bank every --z-every steps; or a fixed positive number (default: {z_policy.DEFAULT_POLICY})")
-    add(g, "--z-ema", default=0.99, type=float, metavar="A",
+    add(g, "--z-ema", type=float, metavar="A",
         help="--z ema / ema-bc: the moving-average factor (default: 0.99)")
-    add(g, "--z-every", default=z_policy.DEFAULT_EVERY, type=int, metavar="M",
+    add(g, "--z-every", type=int, metavar="M",
         help=f"--z exact: refresh Z every M steps (default: {z_policy.DEFAULT_EVERY})")
     add(g, "--proximal", default=0.0, type=float, help="weight of the proximal term (default: 0)")
     add(g, "--bank-dtype", default="float32", choices=tuple(BANK_DTYPES),

@@ -73,24 +73,24 @@ def build_criterion(args, num_samples, device):
         from ..distributed import DistributedInstDiscLoss
         gen = torch.Generator(device=device)
         gen.manual_seed(args.seed + 1 + 1_000_003 * dist.get_rank())   # per-rank negatives
-        z = parse_z(args.z)
+        z = parse_z(args.z or z_policy.DEFAULT_POLICY)
         crit = DistributedInstDiscLoss(
             num_samples, args.feat_dim, mode=args.bank, num_negatives=0 if args.loss == "softmax" else args.nce_k,
-            temperature=args.nce_t, momentum=args.nce_m, z="first-batch" if z == "batch" else z, z_ema=args.z_ema,
-            proximal=args.proximal, bank_dtype=BANK_DTYPES[args.bank_dtype],
+            temperature=args.nce_t, momentum=args.nce_m, z="first-batch" if z == "batch" else z,
+            z_ema=0.99 if args.z_ema is None else args.z_ema, proximal=args.proximal,
+            bank_dtype=BANK_DTYPES[args.bank_dtype],
             loss_type="infonce" if args.loss == "infonce" else "nce", backend=args.backend, device=device,
-            generator=gen, negatives=args.negatives)
+            generator=gen, negatives=args.negatives or "per-sample")
         if z == "batch" and args.loss == "nce":
             crit.register_forward_pre_hook(z_policy.per_batch_hook)
         return crit
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed + 1)
-    return InstDiscLoss(
-        num_samples, args.feat_dim, num_negatives=0 if args.loss == "softmax" else args.nce_k,
-        temperature=args.nce_t, momentum=args.nce_m, z=parse_z(args.z), z_ema=args.z_ema, z_every=args.z_every,
-        proximal=args.proximal,
-        bank_dtype=BANK_DTYPES[args.bank_dtype], loss_type="infonce" if args.loss == "infonce" else "nce",
-        backend=args.backend, device=device, generator=gen, negatives=args.negatives)
+    return InstDiscLoss(     # flags left unset stay None: InstDiscLoss raises for one that does not apply
+        num_samples, args.feat_dim, num_negatives=None if args.loss == "softmax" else args.nce_k,
+        temperature=args.nce_t, momentum=args.nce_m, z=None if args.z is None else parse_z(args.z),
+        z_ema=args.z_ema, z_every=args.z_every, proximal=args.proximal, bank_dtype=BANK_DTYPES[args.bank_dtype],
+        loss_type=args.loss, backend=args.backend, device=device, generator=gen, negatives=args.negatives)
 
 
 def prepare_out(out):

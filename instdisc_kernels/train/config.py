@@ -3,6 +3,7 @@ two errors reported without a traceback (ConfigError, TrainingError)."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import torch
@@ -44,6 +45,9 @@ def fill_defaults(args):
         args.knn_t = args.nce_t
     if args.baselines is None:
         args.baselines = args.dataset in ("digits", "fake")
+    for name, default in LOSS_FLAG_DEFAULTS.items():   # only where they apply: InstDiscLoss raises for the others
+        if getattr(args, name) is None and loss_flag_applies(args, name):
+            setattr(args, name, default)
     return args
 
 
@@ -63,20 +67,46 @@ def check_args(args):
         v = getattr(args, name)
         need(math.isfinite(v) and v > 0, f"--{name.replace('_', '-')} must be a positive number, got {v}")
     need(args.nce_k >= 1, f"--nce-k must be >= 1, got {args.nce_k}")
-    need(0 < args.z_ema < 1, f"--z-ema must be in (0, 1), got {args.z_ema}")
-    need(args.z_every >= 1, f"--z-every must be >= 1, got {args.z_every}")
+    need(args.z_ema is None or 0 < args.z_ema < 1, f"--z-ema must be in (0, 1), got {args.z_ema}")
+    need(args.z_every is None or args.z_every >= 1, f"--z-every must be >= 1, got {args.z_every}")
+    check_flags_apply(args)
     need(0 <= args.nce_m < 1, f"--nce-m must be in [0, 1), got {args.nce_m}")
     need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
     need(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
     need(args.proximal >= 0, f"--proximal must be >= 0, got {args.proximal}")
     need(0 < args.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {args.lr_gamma}")
     need(all(s >= 1 for s in args.lr_steps), f"--lr-steps must be epochs >= 1, got {args.lr_steps}")
-    z = parse_z(args.z)
+    z = parse_z(args.z or z_policy.DEFAULT_POLICY)
     need(args.bank == "local" or not isinstance(z, str) or z in z_policy.DISTRIBUTED_POLICIES,
          f"--z {z} is not available with --bank {args.bank}; use one of "
          f"{', '.join(z_policy.DISTRIBUTED_POLICIES)} or a number")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+
+
+LOSS_FLAG_DEFAULTS = {"z": z_policy.DEFAULT_POLICY, "z_ema": 0.99, "z_every": z_policy.DEFAULT_EVERY,
+                      "negatives": "per-sample"}
+FLAG_OF = {"z": "--z", "z_ema": "--z-ema", "z_every": "--z-every", "negatives": "--negatives"}
+
+
+def loss_flag_applies(args, name):
+    """Whether --z / --z-ema / --z-every / --negatives is used by this run's --loss (and --z)."""
+    z = args.z if args.z is not None else z_policy.DEFAULT_POLICY
+    return {"z": args.loss == "nce", "z_ema": args.loss == "nce" and z in ("ema", "ema-bc"),
+            "z_every": args.loss == "nce" and z == "exact", "negatives": args.loss != "softmax"}[name]
+
+
+def check_flags_apply(args):
+    """ConfigError naming a flag that this run's --loss / --z would not use (InstDiscLoss's rule)."""
+    from ..modules import _check_applicable
+    if args.bank != "local":
+        return
+    try:
+        _check_applicable(args.loss, z=None if args.z is None else parse_z(args.z), z_ema=args.z_ema,
+                          z_every=args.z_every, negatives=args.negatives)
+    except ValueError as e:
+        msg = re.sub(r"(?<![\w])(z|z_ema|z_every|negatives)=", lambda m: FLAG_OF[m.group(1)] + " ", str(e))
+        raise ConfigError(f"with --loss {args.loss}: {msg}") from None
 
 
 def parse_z(z):

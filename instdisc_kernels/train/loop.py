@@ -21,8 +21,8 @@ from ..data import build_data
 from ..models import build_model, count_parameters, extract_features, unwrap
 from ..plots import plot_curves
 from .components import build_criterion, fresh_out_dir, init_distributed, prepare_out, thread_limit
-from .config import (ConfigError, TrainingError, check_args, check_backend, fill_defaults, resolve_device,
-                     run_table)
+from .config import (LOSS_FLAG_DEFAULTS, ConfigError, TrainingError, check_args, check_backend, fill_defaults,
+                     loss_flag_applies, resolve_device, run_table)
 from .report import (append_metrics, bank_features, distributed_knn, evaluate_baselines, final_evaluation, knn_eval,
                      summary, write_metrics)
 from .resume import check_compatible, rank_rng_streams, restore
@@ -39,6 +39,9 @@ def run(args, given):
         merged = vars(args).copy()                      # flags newer than the checkpoint keep defaults
         merged.update(ck["args"])
         merged.update(given)
+        for name in LOSS_FLAG_DEFAULTS:                  # older checkpoints stored every default
+            if name not in given and not loss_flag_applies(argparse.Namespace(**merged), name):
+                merged[name] = None
         merged["resume"] = args.resume
         merged["out"] = given.get("out")             # default: the checkpoint's folder
         args = argparse.Namespace(**merged)

@@ -33,11 +33,11 @@ CONFIGS = {
     "sharded_nce": dict(mode="sharded", k=5, dim=19, proximal=0.3),
     "sharded_nce_ema": dict(mode="sharded", k=7, dim=3, z="ema"),
     "sharded_infonce": dict(mode="sharded", k=6, dim=19, loss_type="infonce", proximal=0.2),
-    "sharded_softmax": dict(mode="sharded", k=0, dim=129),
+    "sharded_softmax": dict(mode="sharded", k=0, dim=129, proximal=0.4),
     "sharded_bf16_bank": dict(mode="sharded", k=5, dim=100, fdtype=torch.float32, bank=torch.bfloat16),
     "replicated_nce": dict(mode="replicated", k=5, dim=19, proximal=0.3),
     "replicated_infonce": dict(mode="replicated", k=4, dim=3, loss_type="infonce"),
-    "replicated_softmax": dict(mode="replicated", k=0, dim=19),
+    "replicated_softmax": dict(mode="replicated", k=0, dim=19, proximal=0.4),
     "replicated_auto_fp32": dict(mode="replicated", k=5, dim=129, fdtype=torch.float32, backend="auto",
                                  z="ema"),
 }
@@ -59,7 +59,7 @@ def _matches_single_process(rank, world, name):
         off, b = sum(sizes[:rank]), sizes[rank]
         fr = feats.clone().requires_grad_(True)
         if k == 0:
-            lr = ik.nonparametric_softmax_loss(fr, ref_mem, y, temperature=T, backend="eager")
+            lr = ik.nonparametric_softmax_loss(fr, ref_mem, y, temperature=T, backend="eager", proximal=prox)
         else:
             lr = ik.nce_loss(fr, ref_mem, y, neg_indices=neg, temperature=T, z=ref_z, proximal=prox,
                              loss_type=lt, z_ema=0.99 if z == "ema" else None, backend="eager")
