@@ -8,13 +8,15 @@ BIN    := $(VENV)/bin
 DEPS   := torch torchvision numpy scikit-learn tqdm matplotlib pytest pytest-benchmark ninja mlxtend
 # the benchmarks' peers (pyproject's `bench` extra): FAISS for the kNN comparison
 BENCH_DEPS := faiss-cpu
+# `make lint` (run first by `make test`): ruff (pyproject's [tool.ruff]) and clang-format (.clang-format)
+LINT_DEPS := ruff clang-format
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: venv build test test-fast demo bench clean cmake-test
+.PHONY: venv build test test-fast lint demo bench clean cmake-test
 
 $(STAMP): Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(DEPS) $(BENCH_DEPS)
+	$(BIN)/pip install $(DEPS) $(BENCH_DEPS) $(LINT_DEPS)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,12 +27,18 @@ build: $(STAMP)
 	$(BIN)/pip install -e . --no-build-isolation --no-deps
 
 test: build
+	$(MAKE) lint
 	$(BIN)/python -m pytest python_tests/ -q
 	$(BIN)/python -m pytest benchmarks/ -q --benchmark-disable --bench-size=smoke
 	$(MAKE) cmake-test
 
 test-fast: build
 	$(BIN)/python -m pytest python_tests/ -q -m "not slow"
+
+CXX_SOURCES = $(shell git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null || find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 # CMake build of libinstdisc_ops (CPU-only) and its ctest smoke test, own build dir.
 CMAKE_TEST_DIR := build/cmake-test

@@ -41,7 +41,8 @@ def bandwidth_probe(device, nbytes, dim=128, reps=5):
         R = rows.shape[0]
         idx = torch.randint(0, R, (R,), device=device)
         offsets = torch.arange(0, R, GATHER_BAG, device=device)
-        t = best_time(lambda: F.embedding_bag(idx, rows, offsets, mode="sum"), device, reps)
+        t = best_time(lambda idx=idx, rows=rows, offsets=offsets: F.embedding_bag(idx, rows, offsets, mode="sum"),
+                      device, reps)
         res["gather_gbps"][str(dim * rows.element_size())] = R * dim * rows.element_size() / t / 1e9
         del idx, offsets
     del x
@@ -54,7 +55,7 @@ def gemm_probe(device, n=2048, reps=5):
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(n, n, device=device).to(dt)
         b = torch.randn(n, n, device=device).to(dt)
-        out[name] = 2 * n ** 3 / best_time(lambda: torch.mm(a, b), device, reps) / 1e9
+        out[name] = 2 * n ** 3 / best_time(lambda a=a, b=b: torch.mm(a, b), device, reps) / 1e9
         del a, b
     return out
 

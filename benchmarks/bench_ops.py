@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 import bench_lemniscate
 import bench_peers
+import torch
+from bench_baselines import (
+    bank_update_eager,
+    knn_batch_scores_fn,
+    knn_eager,
+    nce_loss_fn,
+    nce_shared_step_eager,
+    nce_step_eager,
+    search_eager,
+    softmax_loss_fn,
+    softmax_step_eager,
+    updated_rows_fn,
+)
+from bench_cases import KNN_OPS, MOMENTUM, is_peer, split_provider
+
 import instdisc_kernels as ik
 from instdisc_kernels import hugepages
-from bench_baselines import (bank_update_eager, knn_batch_scores_fn, knn_eager, nce_loss_fn,
-                             nce_shared_step_eager, nce_step_eager, search_eager, softmax_loss_fn, softmax_step_eager, updated_rows_fn)
-from bench_cases import KNN_OPS, MOMENTUM, is_peer, split_provider
 
 
 def _unit_rows(n, d, device, dtype=torch.float32):

@@ -26,7 +26,6 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-
 from bench_baselines import bank_update_eager
 from bench_cases import MOMENTUM
 

@@ -16,13 +16,12 @@ import shutil
 import sys
 import time
 
-import pytest
-import torch
-
 import bench_cases
 import bench_measure
 import bench_ops
 import bench_peers
+import pytest
+import torch
 
 PROBE_BYTES = {"smoke": 16 << 20, "default": 1 << 30, "full": 1 << 30}
 GEMM_N = {"smoke": 256, "default": 2048, "full": 2048}

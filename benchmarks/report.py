@@ -20,12 +20,14 @@ TABLE_OPS = OPS + ("lemniscate_nce", "lemniscate_linear")                     # 
 OP_TITLE = {"lemniscate_nce": "lemniscate drop-in step: NCEAverage + NCECriterion (original-style modules = eager)",
             "lemniscate_linear": "lemniscate drop-in step: LinearAverage + CrossEntropyLoss (original-style = eager)",
             "nce": "NCE forward + backward + bank update",
-            "nce_shared": "NCE, K negatives shared by the batch: forward + backward + update", "softmax": "exact softmax loss + gradient + update",
+            "nce_shared": "NCE, K negatives shared by the batch: forward + backward + update",
+            "softmax": "exact softmax loss + gradient + update",
             "knn": "weighted kNN (top-1/top-5 over all queries)", "knn_search": "exact top-k search alone",
             "bank_update": "bank update alone"}
 OP_X = {"nce": "K (negatives)", "nce_shared": "K (shared negatives)", "softmax": "N (bank rows)", "knn": "N (train features)",
         "knn_search": "N (bank rows)", "bank_update": "N (bank rows)"}
-PEERS = ("faiss", "torch-lce", "torch-mm")          # competitors (torch-mm: the GEMMs alone): "vs peer" = peer time / provider time
+# competitors (torch-mm: the GEMMs alone): "vs peer" = peer time / provider time
+PEERS = ("faiss", "torch-lce", "torch-mm")
 GATHER_LIMIT = "embedding_bag"          # the gather probe: "% embag" = its time / provider time
 
 # (label, device type, op, case ids, provider, metric, minimum): vs_peer is the peer's time over the

@@ -20,10 +20,16 @@ fixed tight tolerance (no failure over 200 seeds).
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_baselines import (
+    bank_update_eager,
+    draw_idx,
+    knn_batch_scores_fn,
+    knn_eager,
+    nce_forward_eager,
+    softmax_loss_fn,
+)
 
 from instdisc_kernels import reference as ref
-from bench_baselines import (bank_update_eager, draw_idx, knn_batch_scores_fn, knn_eager, nce_forward_eager,
-                             softmax_loss_fn)
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 BF16_U = 2.0 ** -8          # bf16 unit roundoff

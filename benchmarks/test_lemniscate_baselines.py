@@ -1,9 +1,9 @@
 """The original-style modules of bench_lemniscate.py (the drop-in providers' baseline) compute what
 the drop-ins compute, on the same negatives: the baseline is the same step, not a strawman."""
+import bench_lemniscate as bl
 import torch
 import torch.nn.functional as F
 
-import bench_lemniscate as bl
 from instdisc_kernels.lemniscate import LinearAverage, NCEAverage, NCECriterion
 
 

@@ -5,9 +5,9 @@ whose package is missing is skipped with the reason)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_peers import faiss_search, skip_reason, vote
 
 from instdisc_kernels import reference as ref
-from bench_peers import faiss_search, skip_reason, vote
 
 
 def _unit(n, d):

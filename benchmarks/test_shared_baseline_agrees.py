@@ -2,9 +2,9 @@
 shared-negative NCE step: loss, gradient and bank update against the float64 oracle
 reference.shared_nce_forward on the same K rows (fp32 bank)."""
 import torch
+from bench_baselines import nce_shared_step_eager
 
 from instdisc_kernels import reference as ref
-from bench_baselines import nce_shared_step_eager
 
 
 def test_nce_shared_step_eager_matches_oracle():

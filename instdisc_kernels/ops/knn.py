@@ -180,7 +180,7 @@ def knn_topk(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_
     for start in range(0, N, chunk_size):                 # each bank chunk is read (and cast) once
         Vc = bank[start:start + chunk_size].to(acc)
         n = Vc.shape[0]
-        for b, (qs, Qb) in enumerate(batches):
+        for b, (_qs, Qb) in enumerate(batches):
             run_v, run_i = run[b]
             S = torch.mm(Qb, Vc.t(), out=s_buf[:Qb.shape[0] * n].view(Qb.shape[0], n))
             if run_v is None:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._formulas import opmath
 from .nce_triton import (
     _check_2d_float,
     _check_device,
@@ -31,7 +32,6 @@ from .nce_triton import (
     _launch_params,
     _row_stride,
 )
-from ._formulas import opmath
 
 # --------------------------------------------------------------------------- #
 # Kernels                                                                      #

@@ -15,16 +15,40 @@ import warnings
 import numpy as np
 import torch
 
-from ..checkpoint import (CheckpointError, checksum_problems, load_checkpoint, remove_stale_temp_files, rng_state,
-                          save_checkpoint, trainer_checkpoint_problems)
+from ..checkpoint import (
+    CheckpointError,
+    checksum_problems,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    trainer_checkpoint_problems,
+)
 from ..data import build_data
 from ..models import build_model, count_parameters, extract_features, unwrap
 from ..plots import plot_curves
 from .components import build_criterion, fresh_out_dir, init_distributed, prepare_out, thread_limit
-from .config import (LOSS_FLAG_DEFAULTS, ConfigError, TrainingError, check_args, check_backend, fill_defaults,
-                     loss_flag_applies, resolve_device, run_table)
-from .report import (append_metrics, bank_features, distributed_knn, evaluate_baselines, final_evaluation, knn_eval,
-                     summary, write_metrics)
+from .config import (
+    LOSS_FLAG_DEFAULTS,
+    ConfigError,
+    TrainingError,
+    check_args,
+    check_backend,
+    fill_defaults,
+    loss_flag_applies,
+    resolve_device,
+    run_table,
+)
+from .report import (
+    append_metrics,
+    bank_features,
+    distributed_knn,
+    evaluate_baselines,
+    final_evaluation,
+    knn_eval,
+    summary,
+    write_metrics,
+)
 from .resume import check_compatible, rank_rng_streams, restore
 
 

@@ -42,7 +42,8 @@ B, D, K = 256, 128, 4096
 N = 50_021                          # bank rows (odd, like a real dataset size; small to allocate)
 TEMPERATURE = 0.07
 MAX_SHARED = 232448                 # sm_90 opt-in shared memory per block (227 KiB): larger fails at launch
-NO_SPILLS = ("softmax_triton.", "nce_shared_triton.")    # kernels (by module) whose every variant must compile without a stack frame
+# kernels (by module) whose every variant must compile without a stack frame
+NO_SPILLS = ("softmax_triton.", "nce_shared_triton.")
 
 
 # --------------------------------------------------------------------------- #
@@ -322,9 +323,9 @@ def _main(out_path):
 
     from instdisc_kernels.ops import bank_update_triton as bt
     from instdisc_kernels.ops import nce_probs_triton as pt
+    from instdisc_kernels.ops import nce_shared_triton as sh
     from instdisc_kernels.ops import nce_triton as nt
     from instdisc_kernels.ops import softmax_triton as st
-    from instdisc_kernels.ops import nce_shared_triton as sh
     mods = {"nce_triton": nt, "nce_probs_triton": pt, "bank_update_triton": bt, "softmax_triton": st, "nce_shared_triton": sh}
 
     # kernels: module-level JITFunctions that no other JITFunction of the module calls

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import instdisc_kernels as ik
-from instdisc_kernels.ops import bank_update, softmax
 from instdisc_kernels import reference as ref
+from instdisc_kernels.ops import bank_update, softmax
 
 BACKENDS = [b for b in ("eager", "cpu", "triton") if bank_update.TABLE.available(b, torch.device("cpu"))]
 SOFTMAX_BACKENDS = [b for b in BACKENDS if b in softmax.TABLE.impls]   # the softmax has no C++ kernel

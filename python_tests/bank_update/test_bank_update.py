@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import instdisc_kernels as ik
-from instdisc_kernels.ops import bank_update
 from instdisc_kernels import reference as ref
+from instdisc_kernels.ops import bank_update
 
 BACKENDS = [b for b in ("eager", "cpu", "triton") if bank_update.TABLE.available(b, torch.device("cpu"))]
 # bank dtype -> tolerance on the updated rows (one rounding to the bank dtype)

@@ -3,8 +3,9 @@ scripts point at importable functions."""
 import importlib
 import inspect
 import os
-import tomllib
 import typing
+
+import tomllib
 
 import instdisc_kernels
 

@@ -16,9 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as Fn
 
 import instdisc_kernels as ik
-from instdisc_kernels.distributed import DistributedInstDiscLoss, load_resharded, save_sharded
-from instdisc_kernels.distributed import _sharded
-from helpers.process_group import N, TOL, Checks, _assert_ok, _batch, _gather_all, _launch, _serve
+from helpers.process_group import TOL, Checks, N, _assert_ok, _batch, _gather_all, _launch, _serve
+from instdisc_kernels.distributed import DistributedInstDiscLoss, _sharded, load_resharded, save_sharded
 
 pytestmark = pytest.mark.slow          # distributed: spawns process groups
 

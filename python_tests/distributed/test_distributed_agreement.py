@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from instdisc_kernels.distributed import DistributedInstDiscLoss
 from helpers.process_group import Checks, _assert_ok, _launch, _serve
+from instdisc_kernels.distributed import DistributedInstDiscLoss
 
 pytestmark = pytest.mark.slow          # distributed: spawns process groups
 
@@ -130,7 +130,7 @@ def _z_overflow(rank, world):
         if ok:
             loss = crit(f.clone().requires_grad_(True), y, neg_indices=neg)
             want = N * (torch.tensor(90.0, dtype=torch.float64).exp() + entries - 1) / entries
-            chk.close(f"Z at T=1/90", crit.z.double().reshape(()), want, rtol=1e-6, atol=0)
+            chk.close("Z at T=1/90", crit.z.double().reshape(()), want, rtol=1e-6, atol=0)
             chk.true("loss at T=1/90 is not finite", bool(torch.isfinite(loss)))
         else:
             chk.raises("Z not representable", ValueError, ["temperature", "not representable"],

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helpers.bitrot import flip_bytes_of
+from helpers.process_group import Checks, _assert_ok, _launch, _serve
 from instdisc_kernels.checkpoint import digest
 from instdisc_kernels.distributed import DistributedInstDiscLoss, load_resharded, save_sharded
 from instdisc_kernels.distributed.checkpoint import read_bank
-from helpers.process_group import Checks, _assert_ok, _launch, _serve
 
 pytestmark = pytest.mark.slow          # distributed: spawns process groups
 

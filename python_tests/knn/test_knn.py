@@ -3,12 +3,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from helpers.alloc import AllocTracker
+from helpers.knn_data import _clustered, _stable_topk, _tied_data, _unit
 from instdisc_kernels import knn_accuracy, knn_predict
 from instdisc_kernels import reference as R
 from instdisc_kernels.evaluate import evaluate_knn, extract_features
 from instdisc_kernels.ops import knn as K
-from helpers.alloc import AllocTracker
-from helpers.knn_data import _clustered, _stable_topk, _tied_data, _unit
 
 T = 0.07
 

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
+from helpers.knn_data import _clustered, _stable_topk, _tied_data, _unit
 from instdisc_kernels import knn_predict
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import knn as K
-from helpers.knn_data import _clustered, _stable_topk, _tied_data, _unit
 
 pytestmark = pytest.mark.skipif(not K.TABLE.available("cpu", torch.device("cpu")),
                                 reason="the C++ extension instdisc_kernels._C is not built")

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from helpers.knn_data import _clustered, _tied_data, _unit
 from instdisc_kernels import knn_search
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import knn as K
-from helpers.knn_data import _clustered, _tied_data, _unit
 
 BACKENDS = ["eager", "auto"] + (["cpu"] if K.TABLE.available("cpu", torch.device("cpu")) else [])
 

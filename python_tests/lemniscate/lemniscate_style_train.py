@@ -83,7 +83,7 @@ def main(argv=None):
     for epoch in range(start_epoch, start_epoch + args.epochs):
         torch.manual_seed(100 + epoch)
         loader = torch.utils.data.DataLoader(trainset, batch_size=args.batch_size, shuffle=True)
-        for inputs, targets, indexes in loader:
+        for inputs, _targets, indexes in loader:
             optimizer.zero_grad()
             if args.two_views:
                 f1 = net(inputs + 0.1 * torch.randn_like(inputs))

@@ -1,11 +1,11 @@
 """A lemniscate-style training script (lemniscate_style_train.py: ``lemniscate(feature, index)``,
 ``criterion(output, index)``, whole-module checkpoint, ``lemniscate = checkpoint['lemniscate']``)
 runs unchanged on the drop-ins, resume included (issue 13)."""
+import lemniscate_style_train as script
 import numpy as np
 import pytest
 import torch
 
-import lemniscate_style_train as script
 from instdisc_kernels.lemniscate import LinearAverage, NCEAverage, NCECriterion
 
 

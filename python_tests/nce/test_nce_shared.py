@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import instdisc_kernels as ik
+from helpers.alloc import AllocTracker
 from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import nce_shared as NS
 from instdisc_kernels.ops import nce_shared_triton as NST
-from helpers.alloc import AllocTracker
 
 BACKENDS = ["full", "eager", "triton"]      # IMPLS keys: "full" is the B x K cross-check
 PUBLIC = ["eager", "triton"]

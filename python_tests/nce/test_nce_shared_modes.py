@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import instdisc_kernels as ik
-from instdisc_kernels import train
-from instdisc_kernels.distributed import DistributedInstDiscLoss
 from helpers.process_group import TOL, Checks, _batch, _free_port, _gather_all
 from helpers.train_runs import TINY_DIGITS, _metrics
+from instdisc_kernels import train
+from instdisc_kernels.distributed import DistributedInstDiscLoss
 
 pytestmark = pytest.mark.slow          # the trainer and 2-process runs with shared negatives
 

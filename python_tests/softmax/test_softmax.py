@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from helpers.alloc import AllocTracker
 from instdisc_kernels import nonparametric_softmax_loss
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import softmax as S
 from instdisc_kernels.ops import softmax_triton as ST
-from helpers.alloc import AllocTracker
 
 T = 0.07
 BACKENDS = ["full", "eager", "triton"]   # IMPLS keys: "full" is the B x N cross-check

@@ -12,12 +12,12 @@ import textwrap
 import pytest
 import torch
 
+from helpers.train_runs import TINY_DIGITS, _metrics
 from instdisc_kernels import checkpoint as ckpt
 from instdisc_kernels import train
 from instdisc_kernels.data import DataError, build_data, digits_split
 from instdisc_kernels.models import build_model
 from instdisc_kernels.retrieve import main as retrieve_main
-from helpers.train_runs import TINY_DIGITS, _metrics
 
 pytestmark = pytest.mark.slow          # the trainer: runs instdisc-train end to end
 
@@ -299,6 +299,7 @@ def test_help_documents_every_flag(capsys):
 
 def test_console_scripts_point_at_mains():
     import importlib
+
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers.bitrot import flip_bytes_of
-from instdisc_kernels.retrieve import main as retrieve_main
 from helpers.process_group import _free_port
+from instdisc_kernels.retrieve import main as retrieve_main
 
 pytestmark = pytest.mark.slow          # the trainer on 2 processes
 
