@@ -1,4 +1,4 @@
-"""Eager baselines written the way lemniscate.pytorch computes each op (SPEC 1, 5).
+"""Eager baselines written the way lemniscate.pytorch computes each op (docs/method.md, docs/lemniscate.md).
 
 They are what a user runs without this library, so they are not tuned beyond
 what the original code does; low-precision banks compute the matmuls in the

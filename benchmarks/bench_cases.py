@@ -215,7 +215,7 @@ def params(op, device_type, size):
 
 
 def bank_bytes(case):
-    """Bytes of bank the op must read at least once (the fused floor, SPEC 4)."""
+    """Bytes of bank the op must read at least once (the fused floor, docs/method.md#why-kernels)."""
     es = torch.empty((), dtype=case.torch_dtype).element_size()
     rows = {"nce": case.B * (case.K + 1), "nce_shared": case.B + case.K, "softmax": case.N, "knn": case.N,
             "knn_search": case.N, "bank_update": case.B, "lemniscate_nce": case.B * (case.K + 1),

@@ -1,5 +1,5 @@
 """lemniscate.pytorch's own modules, written out eagerly from their description
-(SPEC 1.1, 1.2, 5, 6), as the baseline of the drop-in providers: the ops
+(docs/method.md, docs/lemniscate.md), as the baseline of the drop-in providers: the ops
 "lemniscate_nce" (NCEAverage + NCECriterion, K negatives) and "lemniscate_linear"
 (LinearAverage + nn.CrossEntropyLoss). A step is the training step of a
 lemniscate script: ``out = lemniscate(x, y)``, ``loss = criterion(out, y)``,

@@ -85,10 +85,10 @@ def _bf16_matmul_floor(loss_of_scores, x, rows, scores, contract):
 
 
 # --------------------------------------------------------------------------- #
-# PyTorch's own bf16 eager math: SPEC formulas with every tensor in bf16      #
+# PyTorch's own bf16 eager math: the formulas of docs/method.md with every tensor in bf16      #
 # --------------------------------------------------------------------------- #
 def _nce_torch_bf16(x, mem, idx, T, z):
-    """(loss, grad) of lemniscate's NCE (SPEC 1.1), every op in bf16, autograd gradient."""
+    """(loss, grad) of lemniscate's NCE (docs/method.md#noise-contrastive-estimation-nce), every op in bf16, autograd gradient."""
     N = mem.shape[0]
     B, K1 = idx.shape
     xb = x.detach().to(BF16).requires_grad_(True)
@@ -101,7 +101,7 @@ def _nce_torch_bf16(x, mem, idx, T, z):
 
 
 def _softmax_torch_bf16(x, mem, y, T):
-    """(loss, grad) of the exact non-parametric softmax (SPEC 1.2), every op in bf16."""
+    """(loss, grad) of the exact non-parametric softmax (docs/method.md#the-exact-non-parametric-softmax), every op in bf16."""
     xb = x.detach().to(BF16).requires_grad_(True)
     loss = F.cross_entropy(xb @ mem.to(BF16).t() / T, y)
     loss.backward()

@@ -3,7 +3,7 @@ benchmarks/conftest.py (eager baseline first for every case)."""
 
 
 def test_nce(benchmark, bench, case, provider):
-    """NCE forward + backward + bank update (SPEC 1.1)."""
+    """NCE forward + backward + bank update (docs/method.md#noise-contrastive-estimation-nce)."""
     bench.run(benchmark, case, provider)
 
 
@@ -13,12 +13,12 @@ def test_nce_shared(benchmark, bench, case, provider):
 
 
 def test_softmax(benchmark, bench, case, provider):
-    """Exact non-parametric softmax loss + gradient + bank update (SPEC 1.2)."""
+    """Exact non-parametric softmax loss + gradient + bank update (docs/method.md#the-exact-non-parametric-softmax)."""
     bench.run(benchmark, case, provider)
 
 
 def test_knn(benchmark, bench, case, provider):
-    """Weighted kNN top-1/top-5 over all queries (SPEC 1.3)."""
+    """Weighted kNN top-1/top-5 over all queries (docs/method.md#evaluation-weighted-k-nearest-neighbours)."""
     bench.run(benchmark, case, provider)
 
 

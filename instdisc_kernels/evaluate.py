@@ -1,4 +1,4 @@
-"""``evaluate_knn``: the weighted-kNN evaluation of lemniscate's test.py (SPEC 1.3)
+"""``evaluate_knn``: the weighted-kNN evaluation of lemniscate's test.py (docs/method.md#evaluation-weighted-k-nearest-neighbours)
 for a model and two data loaders.
 
 Loaders yield ``(image, target, index)`` triples (lemniscate's instance
@@ -116,7 +116,7 @@ def evaluate_knn(model: torch.nn.Module, train_loader: torch.utils.data.DataLoad
         train_loader: the training set, ideally with the *test* transform; gives the
             train labels, and the train features when ``use_bank`` is None.
         test_loader: the test set (queries).
-        k, temperature: neighbours and sigma (SPEC 2: k = 200, sigma = T).
+        k, temperature: neighbours and sigma (docs/method.md#notation: k = 200, sigma = T).
         use_bank: None to recompute the train features with ``model``; or the memory
             bank (a (N, D) tensor or an object with ``.memory``, e.g. InstDiscLoss),
             used as the train features as lemniscate does (row i = dataset index i).

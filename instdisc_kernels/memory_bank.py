@@ -18,7 +18,7 @@ def uniform_init(num_samples: int, dim: int, *, generator=None, dtype=torch.floa
 
 
 class MemoryBank(nn.Module):
-    """One feature per training image, a momentum average (SPEC 1.1).
+    """One feature per training image, a momentum average (docs/method.md#noise-contrastive-estimation-nce).
 
     init: "uniform" (lemniscate: U(-s, s), s = 1/sqrt(D/3), rows not normalised),
     "normal" (Gaussian rows, L2-normalised) or "zeros".

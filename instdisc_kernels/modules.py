@@ -63,7 +63,7 @@ class InstDiscLoss(nn.Module):
     ``forward(features, indices) -> loss`` computes the loss against the old
     bank rows, then updates the bank (fused, in the same call).
     loss_type: "nce" (default, K = num_negatives sampled negatives, default 4096), "infonce"
-    or "softmax" (the exact non-parametric softmax over every bank row, SPEC 1.2);
+    or "softmax" (the exact non-parametric softmax over every bank row, docs/method.md#the-exact-non-parametric-softmax);
     num_negatives=0 with loss_type unset selects "softmax" too.
     z: the NCE normaliser policy (ops/z_policy.py): "batch" (default: re-estimated from
     every batch), "first-batch" (lemniscate), "ema" / "ema-bc" (moving average, factor

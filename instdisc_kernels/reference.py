@@ -1,4 +1,4 @@
-"""Float64 oracle: every op of ../shared/SPEC.md written literally in plain PyTorch.
+"""Float64 oracle: every op of docs/method.md written literally in plain PyTorch.
 
 This module is what every kernel is tested against. It is written to read like
 the spec, not to be fast: it gathers the full B x (K+1) x D tensor, builds the
@@ -35,7 +35,7 @@ def index_matrix(indices: torch.Tensor, neg_indices: torch.Tensor) -> torch.Tens
 
 
 # --------------------------------------------------------------------------- #
-# SPEC 1.1: sampled-negative NCE                                               #
+# docs/method.md#noise-contrastive-estimation-nce: sampled-negative NCE                                               #
 # --------------------------------------------------------------------------- #
 def nce_scores(features, memory, idx):
     """s[b,k] = V[idx[b,k]] . F[b]   (B x (K+1), float64)."""
@@ -90,7 +90,7 @@ def nce_criterion(probs, num_samples, pn=None):
 
 
 def nce_loss_value(features, memory, idx, temperature, z, noise_probs=None):
-    """The NCE loss (SPEC 1.1) of features against the bank rows idx, for a fixed Z."""
+    """The NCE loss (docs/method.md#noise-contrastive-estimation-nce) of features against the bank rows idx, for a fixed Z."""
     N = memory.shape[0]
     return nce_criterion(nce_probs(features, memory, idx, temperature, z), N, noise_prob(idx, N, noise_probs))
 
@@ -183,7 +183,7 @@ def memory_update_(memory, indices, features, momentum):
 
 
 # --------------------------------------------------------------------------- #
-# SPEC 1.2: exact non-parametric softmax                                       #
+# docs/method.md#the-exact-non-parametric-softmax: exact non-parametric softmax                                       #
 # --------------------------------------------------------------------------- #
 def softmax_logits(features, memory, temperature):
     return _f64(features) @ _f64(memory).t() / temperature        # B x N
@@ -206,7 +206,7 @@ def softmax_grad(features, memory, indices, temperature, proximal=0.0):
 
 
 # --------------------------------------------------------------------------- #
-# SPEC 1.3: weighted kNN                                                       #
+# docs/method.md#evaluation-weighted-k-nearest-neighbours: weighted kNN                                                       #
 # --------------------------------------------------------------------------- #
 def knn_topk(queries, bank, k):
     """(similarities, indices) of the k largest inner products per query (Q x k, float64),

@@ -137,7 +137,7 @@ def _log_z_estimate(x, num_samples, group):
 
 
 def exact_softmax(F, yg, bank, lo, *, temperature, need_grad, group, proximal=0.0):
-    """Exact non-parametric softmax (SPEC 1.2) over the sharded bank, plus the proximal term of
+    """Exact non-parametric softmax (docs/method.md) over the sharded bank, plus the proximal term of
     the positives this shard owns. One streaming pass over the shard (the "cpu" backend's
     online log-sum-exp, ops/softmax.py) gives its (m, l, A); the global row max and sum come
     from two all_reduces of B_g numbers, and A rescaled is this shard's partial gradient."""

@@ -366,7 +366,7 @@ class DistributedInstDiscLoss(nn.Module):
     # ------------------------------------------------------------------ #
     def knn_accuracy(self, queries, query_labels, bank_labels, *, k=200, temperature=None, num_classes=None,
                      batch_size=1024):
-        """(top-1, top-5) weighted-kNN accuracy (SPEC 1.3) in percent of all ranks' queries,
+        """(top-1, top-5) weighted-kNN accuracy (docs/method.md) in percent of all ranks' queries,
         against the bank; the same result on every rank.
 
         queries (Q_r, D) / query_labels (Q_r,) are this rank's (Q_r may be 0);

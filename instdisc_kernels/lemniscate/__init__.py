@@ -1,5 +1,5 @@
 """Drop-in replacements for lemniscate.pytorch's ``NCEAverage``, ``NCECriterion``
-and ``LinearAverage`` (SPEC 5): same constructor signatures, buffers (``params``,
+and ``LinearAverage`` (docs/lemniscate.md#the-modules): same constructor signatures, buffers (``params``,
 ``memory``), outputs and update timing (the bank is updated during backward,
 once per forward). They run on CPU and GPU, on the fused kernels where available.
 

@@ -1,4 +1,4 @@
-"""Drop-in ``NCECriterion`` (lemniscate.pytorch, SPEC 1.1 and 5).
+"""Drop-in ``NCECriterion`` (lemniscate.pytorch, docs/method.md#noise-contrastive-estimation-nce and 5).
 
     loss = -(1/B) sum_b [ log(P[b,0] / (P[b,0] + K Pn + eps)) + sum_k log(K Pn / (P[b,k] + K Pn + eps)) ]
 

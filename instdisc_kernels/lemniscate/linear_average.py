@@ -1,4 +1,4 @@
-"""Drop-in ``LinearAverage`` (lemniscate.pytorch's exact softmax, ``--nce-k 0``; SPEC 1.2 and 5).
+"""Drop-in ``LinearAverage`` (lemniscate.pytorch's exact softmax, ``--nce-k 0``; docs/method.md, docs/lemniscate.md).
 
 ``out = lemniscate(x, y)`` returns the logits V . x / T (B x N), used with
 ``nn.CrossEntropyLoss()(out, y)``; the bank rows y are updated during backward,

@@ -1,4 +1,4 @@
-"""Drop-in ``NCEAverage`` (lemniscate.pytorch, SPEC 1.1 and 5).
+"""Drop-in ``NCEAverage`` (lemniscate.pytorch, docs/method.md#noise-contrastive-estimation-nce and 5).
 
 ``out = lemniscate(x, y)`` returns P = exp(V[idx] . x / T) / Z (B x (K+1), column 0
 the positive y); the bank rows y are updated during backward, once per forward.

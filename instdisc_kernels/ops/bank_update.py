@@ -1,4 +1,4 @@
-"""Memory-bank momentum update (SPEC 1.1): ``bank_update_``.
+"""Memory-bank momentum update (docs/method.md#noise-contrastive-estimation-nce): ``bank_update_``.
 
     V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b])
 

@@ -1,4 +1,4 @@
-"""Triton kernel of the memory-bank momentum update (SPEC 1.1), in place:
+"""Triton kernel of the memory-bank momentum update (docs/method.md#noise-contrastive-estimation-nce), in place:
 
     V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b])
 

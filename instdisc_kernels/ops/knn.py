@@ -1,4 +1,4 @@
-"""Weighted kNN evaluation (SPEC 1.3): ``knn_topk``, ``knn_predict``, ``knn_accuracy``.
+"""Weighted kNN evaluation (docs/method.md, docs/ops.md): ``knn_topk``, ``knn_predict``, ``knn_accuracy``.
 
     sim = Q . Vtrain^T; top k per query; class score c = sum over the top k
     neighbours with label c of exp(sim / sigma); top-1 / top-5 by score.

@@ -1,4 +1,4 @@
-"""Sampled-negative NCE / InfoNCE (SPEC 1.1): ``nce_loss`` and its ops.
+"""Sampled-negative NCE / InfoNCE (docs/method.md#noise-contrastive-estimation-nce): ``nce_loss`` and its ops.
 
 Op contract, shared by every backend (schema in csrc/instdisc.cpp)::
 
@@ -175,7 +175,7 @@ def nce_loss(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor
              validate: bool = True, backend: str = "auto", exclude_positive: bool = False,
              noise_probs: torch.Tensor | None = None, negatives: str = "per-sample", precision: str = "fp32",
              chunk_size: int | None = None) -> torch.Tensor:
-    """Sampled-negative NCE loss of InstDisc (SPEC 1.1), fused with the bank update.
+    """Sampled-negative NCE loss of InstDisc (docs/method.md#noise-contrastive-estimation-nce), fused with the bank update.
 
     Args:
         features: (B, D) L2-normalised features (requires grad in training).

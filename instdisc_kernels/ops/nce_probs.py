@@ -1,5 +1,5 @@
 """The probabilities P = exp(V[idx] . F / T) / Z of lemniscate's NCEAverage and
-their backward dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] (SPEC 1.1, 5).
+their backward dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] (docs/lemniscate.md).
 
 Used by the drop-in modules (instdisc_kernels/lemniscate/), which must
 return the B x (K+1) probabilities. Implementations: TABLE below, each backend a

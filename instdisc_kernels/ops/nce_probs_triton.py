@@ -1,4 +1,4 @@
-"""Triton kernels of lemniscate's NCEAverage probabilities (SPEC 1.1, 5):
+"""Triton kernels of lemniscate's NCEAverage probabilities (docs/lemniscate.md):
 ``instdisc::nce_probs_triton`` (P = exp(V[idx] . F / T) / Z, B x (K+1)) and
 ``instdisc::nce_probs_backward_triton`` (dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]]),
 the triton backend of ops/nce_probs.py. The index matrix idx is always given

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused sampled-negative NCE / InfoNCE op (SPEC 1.1),
+"""Triton kernels of the fused sampled-negative NCE / InfoNCE op (docs/method.md#noise-contrastive-estimation-nce),
 ``instdisc::nce_forward_triton`` (used by ``nce_loss``). lemniscate's NCEAverage
 probabilities have their own file, ops/nce_probs_triton.py, which reuses the
 launch helpers and ``_gather_dot`` of this one.

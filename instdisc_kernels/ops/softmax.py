@@ -1,4 +1,4 @@
-"""Exact non-parametric softmax over the whole memory bank (SPEC 1.2):
+"""Exact non-parametric softmax over the whole memory bank (docs/method.md#the-exact-non-parametric-softmax):
 ``nonparametric_softmax_loss`` (lemniscate's LinearAverage, ``--nce-k 0``).
 
     logits[b,j] = V[j] . F[b] / T
@@ -230,14 +230,14 @@ def nonparametric_softmax_loss(features: torch.Tensor, memory: torch.Tensor, ind
                                temperature: float = 0.07, momentum: float = 0.5, update_memory: bool = True,
                                validate: bool = True, backend: str = "auto", precision: str = "fp32",
                                chunk_size: int | None = None, proximal: float = 0.0) -> torch.Tensor:
-    """Exact non-parametric softmax loss over all N bank rows (SPEC 1.2), mean over the batch.
+    """Exact non-parametric softmax loss over all N bank rows (docs/method.md), mean over the batch.
 
     Args:
         features: (B, D) float features (unit rows); gets a gradient.
         memory: (N, D) memory bank (float32/bfloat16/float16/float64), read as a constant;
             updated in place after the loss has read it when ``update_memory``.
         indices: (B,) int64 dataset indices (the positives).
-        temperature, momentum: T and m of SPEC 1.2/1.1.
+        temperature, momentum: T and m (docs/method.md).
         validate: check index ranges and NaN/inf, and that loss and gradient are finite
             before the update (a NaN/inf bank row is named); a GPU synchronisation.
         backend: "auto" | "eager" (the chunked ATen pass, any device) | "triton" (docs/backends.md;

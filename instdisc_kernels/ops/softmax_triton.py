@@ -1,4 +1,4 @@
-"""Triton kernel of the exact non-parametric softmax (SPEC 1.2), registered as
+"""Triton kernel of the exact non-parametric softmax (docs/method.md#the-exact-non-parametric-softmax), registered as
 ``instdisc::softmax_forward_triton`` (contract in ops/softmax.py).
 
 Split-N flash-softmax: program (i, s) owns BLOCK_B feature rows and the bank

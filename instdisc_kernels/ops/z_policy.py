@@ -1,4 +1,4 @@
-"""Policies for Z, the normaliser of the sampled-negative NCE loss (SPEC 1.1).
+"""Policies for Z, the normaliser of the sampled-negative NCE loss (docs/method.md#noise-contrastive-estimation-nce).
 
 NCE scores a bank row j against a feature F[b] as P = exp(V[j].F[b] / T) / Z,
 where Z stands for the partition function sum_j exp(V[j].F[b] / T) over the

@@ -32,7 +32,7 @@ def _defaults_table():
               "B*(K+1) sampled scores): lemniscate's first-batch Z, about N as it is measured against the",
               "random initial bank, is far below the partition function of the trained features and NCE",
               "collapses (docs/learning.md has the study of every policy).",
-              "cifar10, fake and imagefolder follow the paper / lemniscate (SPEC 2).",
+              "cifar10, fake and imagefolder follow the paper / lemniscate (docs/method.md#notation).",
               "kNN sigma defaults to --nce-t. Outputs in --out: metrics.jsonl (one line per epoch),",
               "checkpoint.pt (written atomically every epoch), curves.png, retrieval.png, args.json, final.json."]
     return "\n".join(lines)

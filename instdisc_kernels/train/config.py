@@ -14,7 +14,7 @@ from ..ops import z_policy
 BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Dataset-dependent defaults (None on the command line means "take it from here").
-# cifar10/fake/imagefolder follow SPEC section 2; digits is tuned for a quick CPU demo.
+# cifar10/fake/imagefolder follow the paper and lemniscate (docs/method.md#notation); digits is tuned for a quick CPU demo.
 DEFAULTS = {
     "digits": dict(arch="smallcnn", epochs=30, batch_size=128, lr=0.003, weight_decay=5e-4, lr_steps=[25],
                    loss="softmax", nce_k=1024, nce_t=0.1, workers=0, threads=1),

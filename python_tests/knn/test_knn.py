@@ -1,4 +1,4 @@
-"""Weighted kNN (SPEC 1.3) against the float64 oracle; evaluate_knn."""
+"""Weighted kNN (docs/method.md#evaluation-weighted-k-nearest-neighbours) against the float64 oracle; evaluate_knn."""
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset

@@ -1,4 +1,4 @@
-"""Drop-in modules keep lemniscate.pytorch's semantics (SPEC 1.1, 1.2, 5)."""
+"""Drop-in modules keep lemniscate.pytorch's semantics (docs/lemniscate.md)."""
 import pytest
 import torch
 

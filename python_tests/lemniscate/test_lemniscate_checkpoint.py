@@ -18,7 +18,7 @@ NAMES = {"NCEAverage": "lib.NCEAverage", "LinearAverage": "lib.LinearAverage",
 
 
 def _stand_in_classes():
-    """Classes with the original's names and instance state (SPEC 6), in modules named like lemniscate's."""
+    """Classes with the original's names and instance state (docs/lemniscate.md), in modules named like lemniscate's."""
     class AliasMethod:
         def __init__(self, probs):
             self.prob = torch.ones(probs.shape[0])

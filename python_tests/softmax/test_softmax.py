@@ -1,4 +1,4 @@
-"""Exact non-parametric softmax (SPEC 1.2) against the float64 oracle."""
+"""Exact non-parametric softmax (docs/method.md#the-exact-non-parametric-softmax) against the float64 oracle."""
 
 import pytest
 import torch

@@ -72,7 +72,7 @@ def test_fake_one_epoch_outputs_exist_and_parse(tmp_path):
     rows = _metrics(out)
     assert len(rows) == 1 and set(rows[0]) == METRIC_KEYS | {"z"} and rows[0]["epoch"] == 1   # NCE logs its Z
     assert 0 < rows[0]["z"] < float("inf")
-    assert rows[0]["lr"] == pytest.approx(0.03)                      # SPEC default for cifar-like data
+    assert rows[0]["lr"] == pytest.approx(0.03)                      # the paper's default for cifar-like data
     assert 0 <= rows[0]["knn_top1"] <= rows[0]["knn_top5"] <= 100 and rows[0]["loss"] > 0
     ck = ckpt.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     for key in ("model", "optimizer", "scheduler", "criterion", "criterion_generator", "rng", "args", "epoch"):
