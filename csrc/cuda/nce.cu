@@ -14,32 +14,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
     const std::optional<at::Tensor>& neg_indices, const at::Tensor& z, const at::Tensor& seed, int64_t num_negatives,
     double temperature, double proximal, int64_t loss_type, double z_ema, bool exclude_positive,
     const std::optional<at::Tensor>& noise_probs) {
-  check_common("nce_forward", memory, features);
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == memory.size(1) && features.size(0) > 0,
-              "nce_forward: features must be (B, D) with the memory bank's D");
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()), "nce_forward: features must be floating");
+  checks::nce_forward_args(features, memory, indices, neg_indices, z, seed, num_negatives, noise_probs,
+                           c10::DeviceType::CUDA);
+  check_cuda_dim(memory);
   const int64_t B = features.size(0), N = memory.size(0), D = memory.size(1);
-  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == B && indices.scalar_type() == at::kLong &&
-                  indices.device() == memory.device(),
-              "nce_forward: indices must be a (B,) int64 tensor on the memory's device");
-  TORCH_CHECK(num_negatives >= 1, "nce_forward: num_negatives must be >= 1");
-  TORCH_CHECK(temperature > 0, "nce_forward: temperature must be > 0");
-  TORCH_CHECK(loss_type == 0 || loss_type == 1, "nce_forward: loss_type must be 0 (nce) or 1 (infonce)");
-  TORCH_CHECK(z.numel() == 1 && z.device() == memory.device(), "nce_forward: z must be a 1-element tensor on the memory's device");
   const bool has_neg = neg_indices.has_value() && neg_indices->defined();
-  if (has_neg) {
-    TORCH_CHECK(neg_indices->dim() == 2 && neg_indices->size(0) == B && neg_indices->size(1) == num_negatives &&
-                    neg_indices->scalar_type() == at::kLong && neg_indices->device() == memory.device(),
-                "nce_forward: neg_indices must be a (B, num_negatives) int64 tensor on the memory's device");
-  } else {
-    TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == memory.device(),
-                "nce_forward: seed must be a 1-element int64 tensor on the memory's device");
-    TORCH_CHECK(!exclude_positive || N >= 2, "nce_forward: exclude_positive needs at least 2 memory rows");
-  }
+  checks::nce_scalars(num_negatives, has_neg, temperature, proximal, loss_type, z_ema, exclude_positive, N);
   const bool has_noise = noise_probs.has_value() && noise_probs->defined();
-  if (has_noise)
-    TORCH_CHECK(noise_probs->dim() == 1 && noise_probs->size(0) == N && noise_probs->device() == memory.device(),
-                "nce_forward: noise_probs must be an (N,) tensor on the memory's device");
 
   c10::cuda::CUDAGuard guard(memory.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -84,19 +65,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
     INSTDISC_DISPATCH_BANK(mem.scalar_type(), "nce_forward_cuda_bank", [&] {
       using bank_t = scalar_t;
       if (loss_type == 0) {
-        a.mode = kZSum;  // exits at once on the device when Z is given
-        launch_rows<bank_t, acc_t>(a, mem, stream);
+        launch_rows<kZSum, bank_t, acc_t>(a, mem, stream);  // exits at once on the device when Z is given
         log_z_kernel<acc_t><<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, a.z_in, a.z_ema,
                                                    static_cast<acc_t>(std::log(static_cast<double>(N) / static_cast<double>(B * K1))),
                                                    zbuf.data_ptr<acc_t>(), z_out.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        a.mode = kNce;
+        launch_rows<kNce, bank_t, acc_t>(a, mem, stream);
+        finalize_rows_kernel<kNce, bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
+            a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(), row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
       } else {
-        a.mode = kInfoNce;
+        launch_rows<kInfoNce, bank_t, acc_t>(a, mem, stream);
+        finalize_rows_kernel<kInfoNce, bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
+            a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(), row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
       }
-      launch_rows<bank_t, acc_t>(a, mem, stream);
-      finalize_rows_kernel<bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
-          a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(), row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     mean_kernel<acc_t><<<1, 256, 0, stream>>>(row_loss.data_ptr<acc_t>(), B, loss.data_ptr<acc_t>());

@@ -11,15 +11,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> nce_probs_cuda(const at::Tensor& features, const at::Tensor& memory,
                                                   const at::Tensor& idx, const at::Tensor& z, double temperature) {
-  check_common("nce_probs", memory, features);
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == memory.size(1) && features.size(0) > 0,
-              "nce_probs: features must be (B, D) with the memory bank's D");
+  checks::nce_probs_args(features, memory, idx, z, temperature, c10::DeviceType::CUDA);
+  check_cuda_dim(memory);
   const int64_t B = features.size(0), N = memory.size(0), D = memory.size(1);
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == B && idx.size(1) >= 1 && idx.scalar_type() == at::kLong &&
-                  idx.device() == memory.device(),
-              "nce_probs: idx must be a (B, K+1) int64 tensor on the memory's device");
-  TORCH_CHECK(z.numel() == 1 && z.device() == memory.device(), "nce_probs: z must be a 1-element tensor on the memory's device");
-  TORCH_CHECK(temperature > 0, "nce_probs: temperature must be > 0");
   c10::cuda::CUDAGuard guard(memory.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -42,9 +36,8 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cuda(const at::Tensor& features, co
     a.probs_out = probs.data_ptr<acc_t>();
     a.part_stat = part_stat.data_ptr<acc_t>();
     a.inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    a.mode = kProbs;
     INSTDISC_DISPATCH_BANK(mem.scalar_type(), "nce_probs_cuda_bank", [&] {
-      launch_rows<scalar_t, acc_t>(a, mem, stream);
+      launch_rows<kProbs, scalar_t, acc_t>(a, mem, stream);
     });
     z_kernel<acc_t><<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, z_in.data_ptr<float>(), acc_t(0),
                                            static_cast<acc_t>(N) / static_cast<acc_t>(B * K1), zbuf.data_ptr<acc_t>(),
@@ -60,13 +53,8 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cuda(const at::Tensor& features, co
 
 at::Tensor nce_probs_backward_cuda(const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& memory,
                                    const at::Tensor& idx, double temperature) {
-  check_common("nce_probs_backward", memory, probs);
-  TORCH_CHECK(idx.dim() == 2 && idx.size(1) >= 1 && idx.scalar_type() == at::kLong && idx.device() == memory.device(),
-              "nce_probs_backward: idx must be a (B, K+1) int64 tensor on the memory's device");
-  TORCH_CHECK(probs.sizes() == idx.sizes() && grad_probs.sizes() == idx.sizes() &&
-                  grad_probs.device() == memory.device(),
-              "nce_probs_backward: grad_probs and probs must have idx's shape (B, K+1)");
-  TORCH_CHECK(temperature > 0, "nce_probs_backward: temperature must be > 0");
+  checks::nce_probs_backward_args(grad_probs, probs, memory, idx, temperature, c10::DeviceType::CUDA);
+  check_cuda_dim(memory);
   c10::cuda::CUDAGuard guard(memory.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = idx.size(0), K1 = idx.size(1), N = memory.size(0), D = memory.size(1);
@@ -88,11 +76,10 @@ at::Tensor nce_probs_backward_cuda(const at::Tensor& grad_probs, const at::Tenso
     a.coef_in = coef.data_ptr<acc_t>();
     a.part_grad = part_grad.data_ptr<acc_t>();
     a.part_stat = part_stat.data_ptr<acc_t>();
-    a.mode = kProbsBwd;
     INSTDISC_DISPATCH_BANK(mem.scalar_type(), "nce_probs_backward_cuda_bank", [&] {
       using bank_t = scalar_t;
-      launch_rows<bank_t, acc_t>(a, mem, stream);
-      finalize_rows_kernel<bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
+      launch_rows<kProbsBwd, bank_t, acc_t>(a, mem, stream);
+      finalize_rows_kernel<kProbsBwd, bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
           a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(), nullptr, acc_t(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

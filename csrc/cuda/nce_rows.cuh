@@ -24,6 +24,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
 #include "cuda_utils.cuh"
 
 namespace instdisc {
@@ -35,6 +36,8 @@ constexpr int kScalarMaxCh = 16;   // scalar path keeps D <= 32 * 16 values per 
 constexpr int64_t kMaxD = 32 * kScalarMaxCh;
 constexpr double kEps = 1e-7;      // lemniscate's NCECriterion eps
 
+// What a launch of the row kernel computes: a template parameter, so each kernel instance holds
+// only its own branch (chosen once, at launch).
 enum Mode : int { kZSum = 0, kNce = 1, kInfoNce = 2, kProbs = 3, kProbsBwd = 4 };
 
 template <typename acc_t>
@@ -52,7 +55,6 @@ struct RowArgs {
   acc_t* part_grad = nullptr;      // (B * S, D) per-warp gradient partials
   acc_t* part_stat = nullptr;      // (B * S, 4) per-warp scalar partials
   int64_t B = 0, K1 = 0, N = 0, D = 0, kper = 0, S = 1;
-  int mode = kNce;
   bool exclude_pos = false;
   acc_t inv_t = 1, scale = 1, z_ema = 0, knoise = 0;
 };
@@ -70,21 +72,22 @@ __device__ __forceinline__ int64_t column_index(const RowArgs<acc_t>& a, int64_t
   return philox_index(seed, b, k - 1, a.N);
 }
 
-template <typename bank_t, typename acc_t, int VEC, int MAXCH, int U>
+template <int MODE, typename bank_t, typename acc_t, int VEC, int MAXCH, int U>
 __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc_t> a, const bank_t* __restrict__ mem) {
   const int lane = threadIdx.x & 31;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (w >= a.B * a.S) return;  // warp-uniform
-  if (a.mode == kZSum && !(a.z_in[0] <= 0.f || a.z_ema > acc_t(0))) return;  // Z is given: no estimate
+  if constexpr (MODE == kZSum) {
+    if (!(a.z_in[0] <= 0.f || a.z_ema > acc_t(0))) return;  // Z is given: no estimate
+  }
   const int64_t b = w / a.S;
   const int64_t k_begin = (w % a.S) * a.kper;
   const int64_t k_end = k_begin + a.kper < a.K1 ? k_begin + a.kper : a.K1;
   const int64_t D = a.D;
-  const int mode = a.mode;
-  const bool need_dot = mode != kProbsBwd;
-  const bool need_grad = mode == kNce || mode == kInfoNce || mode == kProbsBwd;
+  constexpr bool need_dot = MODE != kProbsBwd;
+  constexpr bool need_grad = MODE == kNce || MODE == kInfoNce || MODE == kProbsBwd;
   const uint64_t seed = (a.idx == nullptr && a.neg == nullptr) ? static_cast<uint64_t>(a.seed[0]) : 0;
-  const acc_t log_z = mode == kNce ? a.zval[1] : acc_t(0);
+  const acc_t log_z = MODE == kNce ? a.zval[1] : acc_t(0);
   constexpr acc_t kLim = 80;  // beyond |log P| > kLim the NCE terms take their asymptotic forms
 
   acc_t f[MAXCH][VEC], g[MAXCH][VEC];
@@ -98,8 +101,9 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
     }
   }
   // kZSum: running max of s/T and sum of exp(s/T - max) (log-space Z); kProbs: sum of exp(s/T);
-  // kNce: sum of loss terms; kInfoNce: running max, sum, s0/T.
-  acc_t st0 = (mode == kInfoNce || mode == kZSum) ? -INFINITY : acc_t(0), st1 = 0, st2 = 0;
+  // kNce: sum of loss terms; kInfoNce: the negatives' running max and sum of exp(s/T - max) (the
+  // positive kept out of them: see finalize_rows_kernel), and s0/T.
+  acc_t st0 = (MODE == kInfoNce || MODE == kZSum) ? -INFINITY : acc_t(0), st1 = 0, st2 = 0;
 
   for (int64_t kt = k_begin; kt < k_end; kt += 32) {
     const int cnt = static_cast<int>(k_end - kt < 32 ? k_end - kt : 32);
@@ -109,8 +113,8 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
       const int64_t k = kt + lane;
       my_row = column_index(a, b, k, seed);
       CUDA_KERNEL_ASSERT(my_row >= 0 && my_row < a.N);
-      if (mode == kNce) my_aux = a.noise != nullptr ? a.knoise * static_cast<acc_t>(a.noise[my_row]) : a.knoise / a.N;
-      if (mode == kProbsBwd) my_aux = a.coef_in[b * a.K1 + k];
+      if constexpr (MODE == kNce) my_aux = a.noise != nullptr ? a.knoise * static_cast<acc_t>(a.noise[my_row]) : a.knoise / a.N;
+      if constexpr (MODE == kProbsBwd) my_aux = a.coef_in[b * a.K1 + k];
     }
     for (int j = 0; j < cnt; j += U) {
       int64_t r[U];
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         acc_t p = 0;
-        if (need_dot) {
+        if constexpr (need_dot) {
 #pragma unroll
           for (int c = 0; c < MAXCH; ++c)
 #pragma unroll
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
         if (j + u >= cnt) break;  // warp-uniform
         const int64_t k = kt + j + u;
         acc_t coef = 0;
-        if (mode == kZSum) {
+        if constexpr (MODE == kZSum) {
           const acc_t x = sc[u] * a.inv_t;
           if (x > st0) {
             st1 = st1 * exp(st0 - x) + acc_t(1);
@@ -159,11 +163,11 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
           } else {
             st1 += exp(x - st0);
           }
-        } else if (mode == kProbs) {
+        } else if constexpr (MODE == kProbs) {
           const acc_t e = exp(sc[u] * a.inv_t);
           st0 += e;
           if (lane == 0) a.probs_out[b * a.K1 + k] = e;
-        } else if (mode == kNce) {
+        } else if constexpr (MODE == kNce) {
           const acc_t lp = sc[u] * a.inv_t - log_z;  // log P
           const acc_t P = exp(lp < kLim ? lp : kLim);
           const acc_t cn = aux[u];                 // K * Pn
@@ -185,24 +189,27 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
             st0 += log((P + c) / cn);
             coef = P / (P + c) * a.scale;
           }
-        } else if (mode == kInfoNce) {
+        } else if constexpr (MODE == kInfoNce) {
           const acc_t x = sc[u] * a.inv_t;
-          if (k == 0) st2 = x;
-          if (x > st0) {  // online softmax: rescale what was summed under the old max
-            const acc_t rs = exp(st0 - x);
-            st1 *= rs;
+          if (k == 0) {  // the positive: only its logit (coef 0)
+            st2 = x;
+          } else {
+            if (x > st0) {  // online softmax of the negatives: rescale what was summed under the old max
+              const acc_t rs = exp(st0 - x);
+              st1 *= rs;
 #pragma unroll
-            for (int c = 0; c < MAXCH; ++c)
+              for (int c = 0; c < MAXCH; ++c)
 #pragma unroll
-              for (int i = 0; i < VEC; ++i) g[c][i] *= rs;
-            st0 = x;
+                for (int i = 0; i < VEC; ++i) g[c][i] *= rs;
+              st0 = x;
+            }
+            coef = exp(x - st0);
+            st1 += coef;
           }
-          coef = exp(x - st0);
-          st1 += coef;
         } else {  // kProbsBwd
           coef = aux[u];
         }
-        if (need_grad) {
+        if constexpr (need_grad) {
 #pragma unroll
           for (int c = 0; c < MAXCH; ++c)
 #pragma unroll
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
       }
     }
   }
-  if (need_grad) {
+  if constexpr (need_grad) {
 #pragma unroll
     for (int c = 0; c < MAXCH; ++c) {
       const int64_t d0 = static_cast<int64_t>(c * 32 + lane) * VEC;
@@ -241,28 +248,35 @@ __device__ acc_t block_sum(acc_t v, acc_t* red) {  // fixed-order: deterministic
 
 // One block per batch row: merge the S partials in order; gradient, proximal
 // term and the row's loss.
-template <typename bank_t, typename acc_t>
+// InfoNCE: with M the max of all K+1 logits t, e0 = exp(t0 - M), Ln = sum over the negatives of
+// exp(t_k - M) and L = e0 + Ln, the gradient is ((sum_k exp(t_k - M) V_k) - Ln V0) / (L B T): the
+// positive's coefficient p0 - 1 = -Ln / L comes from the negatives' sum, never as 1 - (something
+// close to 1), so it keeps its digits when p0 ~ 1. The loss is log1p(Ln / e0) likewise.
+template <int MODE, typename bank_t, typename acc_t>
 __global__ void finalize_rows_kernel(const RowArgs<acc_t> a, const bank_t* __restrict__ mem, acc_t* grad,
                                      acc_t* row_loss, acc_t proximal) {
   __shared__ acc_t red[32];
   const int64_t b = blockIdx.x, S = a.S, D = a.D;
   const acc_t* ps = a.part_stat + b * S * 4;
   const acc_t* pg = a.part_grad + b * S * D;
-  const bool loss_mode = a.mode == kNce || a.mode == kInfoNce;
+  constexpr bool loss_mode = MODE == kNce || MODE == kInfoNce;
   const bank_t* v0 = loss_mode ? mem + a.pos[b] * D : nullptr;
-  acc_t M = 0, L = 1;
-  if (a.mode == kInfoNce) {
-    M = -INFINITY;
+  acc_t M = 0, Ln = 0, L = 1, t0 = 0;
+  if constexpr (MODE == kInfoNce) {
+    t0 = ps[2];  // the positive (column 0) is in slice 0
+    M = t0;
     for (int64_t s = 0; s < S; ++s) M = ps[s * 4] > M ? ps[s * 4] : M;
-    L = 0;
-    for (int64_t s = 0; s < S; ++s) L += ps[s * 4 + 1] * exp(ps[s * 4] - M);
+    for (int64_t s = 0; s < S; ++s)
+      if (ps[s * 4 + 1] > acc_t(0)) Ln += ps[s * 4 + 1] * exp(ps[s * 4] - M);
+    L = exp(t0 - M) + Ln;
   }
   acc_t sq = 0;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     acc_t gd = 0;
-    if (a.mode == kInfoNce) {
-      for (int64_t s = 0; s < S; ++s) gd += exp(ps[s * 4] - M) * pg[s * D + d];
-      gd = (gd / L - static_cast<acc_t>(v0[d])) * a.scale;
+    if constexpr (MODE == kInfoNce) {
+      for (int64_t s = 0; s < S; ++s)
+        if (ps[s * 4 + 1] > acc_t(0)) gd += exp(ps[s * 4] - M) * pg[s * D + d];
+      gd = (gd - Ln * static_cast<acc_t>(v0[d])) / L * a.scale;
     } else {
       for (int64_t s = 0; s < S; ++s) gd += pg[s * D + d];
     }
@@ -277,8 +291,9 @@ __global__ void finalize_rows_kernel(const RowArgs<acc_t> a, const bank_t* __res
   sq = block_sum(sq, red);
   if (threadIdx.x == 0) {
     acc_t rl;
-    if (a.mode == kInfoNce) {
-      rl = M + log(L) - ps[2];  // logsumexp - s0/T (column 0 is in slice 0)
+    if constexpr (MODE == kInfoNce) {
+      // logsumexp - t0 = log(L / e0): log1p(Ln / e0) while e0 is not tiny, else (M - t0) + log(L)
+      rl = M - t0 < acc_t(30) ? log1p(Ln * exp(M - t0)) : (M - t0) + log(L);
     } else {
       rl = 0;
       for (int64_t s = 0; s < S; ++s) rl += ps[s * 4];
@@ -371,7 +386,7 @@ void plan_slices(RowArgs<acc_t>& a, int device) {
   a.S = (a.K1 + a.kper - 1) / a.kper;
 }
 
-template <typename bank_t, typename acc_t>
+template <int MODE, typename bank_t, typename acc_t>
 void launch_rows(const RowArgs<acc_t>& a, const at::Tensor& memory, cudaStream_t stream) {
   // 4 values per lane: one 16-byte load for fp32 (D = 128: a row is one float4
   // per lane), 8 bytes for bf16/fp16, so all 32 lanes share a row; 2 for fp64.
@@ -381,9 +396,9 @@ void launch_rows(const RowArgs<acc_t>& a, const at::Tensor& memory, cudaStream_t
   const dim3 grid(static_cast<unsigned>((warps + kWarps - 1) / kWarps));
   const bool vec = a.D % V == 0 && a.D <= 32 * V && reinterpret_cast<uintptr_t>(mem) % (V * sizeof(bank_t)) == 0;
   if (vec) {
-    nce_rows_kernel<bank_t, acc_t, V, 1, 4><<<grid, kWarps * 32, 0, stream>>>(a, mem);
+    nce_rows_kernel<MODE, bank_t, acc_t, V, 1, 4><<<grid, kWarps * 32, 0, stream>>>(a, mem);
   } else {
-    nce_rows_kernel<bank_t, acc_t, 1, kScalarMaxCh, 1><<<grid, kWarps * 32, 0, stream>>>(a, mem);
+    nce_rows_kernel<MODE, bank_t, acc_t, 1, kScalarMaxCh, 1><<<grid, kWarps * 32, 0, stream>>>(a, mem);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -391,16 +406,10 @@ void launch_rows(const RowArgs<acc_t>& a, const at::Tensor& memory, cudaStream_t
 #define INSTDISC_DISPATCH_BANK(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
-void check_common(const char* op, const at::Tensor& memory, const at::Tensor& idx_like) {
-  TORCH_CHECK(memory.is_cuda(), op, " (cuda): memory must be a CUDA tensor");
-  TORCH_CHECK(memory.dim() == 2 && memory.size(0) > 0, op, ": memory must be a non-empty (N, D) tensor");
-  const auto mt = memory.scalar_type();
-  TORCH_CHECK(mt == at::kFloat || mt == at::kDouble || mt == at::kHalf || mt == at::kBFloat16, op,
-              ": memory must be float32/float64/float16/bfloat16, got ", mt);
-  TORCH_CHECK(memory.size(1) >= 1 && memory.size(1) <= kMaxD, op, " (cuda): feature dim D = ", memory.size(1),
-              " is not supported (1 <= D <= ", kMaxD, "); use backend='triton' or 'reference'");
-  TORCH_CHECK(idx_like.device() == memory.device(), op, ": all tensors must be on the same device (",
-              idx_like.device(), " vs ", memory.device(), ")");
+// The row kernel keeps D <= kMaxD values per row in registers.
+void check_cuda_dim(const at::Tensor& memory) {
+  INSTDISC_CHECK_VALUE(memory.size(1) <= kMaxD, "feature dim D = ", memory.size(1),
+                       " is not supported by the CUDA kernel (1 <= D <= ", kMaxD, "); use backend='triton' or 'reference'");
 }
 
 

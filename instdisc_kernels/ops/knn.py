@@ -228,12 +228,13 @@ def _has_op(name):
 
 if _backend.extension_loaded() and _has_op("knn_topk"):
     @torch.library.register_fake("instdisc::knn_topk")
-    def _knn_topk_fake(queries, bank, k, chunk_size, portable):
+    def _knn_topk_fake(queries, bank, k, chunk_size):
         Q = queries.shape[0]
         return (queries.new_empty((Q, k), dtype=_opmath(queries.dtype, bank.dtype)),
                 queries.new_empty((Q, k), dtype=torch.int64))
 
-    _FUSED_SIMD = _has_op("knn_cpu_has_avx512bf16") and bool(torch.ops.instdisc.knn_cpu_has_avx512bf16())
+    # the prefilter runs on AVX512-BF16 when the CPU capability chosen at load allows it
+    _FUSED_SIMD = _has_op("cpu_capability") and torch.ops.instdisc.cpu_capability() == "avx512_bf16"
 else:
     _FUSED_SIMD = False
 
@@ -243,10 +244,10 @@ def fused_available(device) -> bool:
     return device.type == "cpu" and _backend.has_kernel("knn_topk", "CPU")
 
 
-def knn_topk_fused(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
+def knn_topk_fused(queries, bank, k, *, chunk_size=DEFAULT_CHUNK):
     """(values, indices) (Q, k) from the fused C++ kernel: the float64 top k by
     (similarity desc, index asc); values in the inputs' opmath dtype."""
-    return torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size, portable)
+    return torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size)
 
 
 def _topk_reference(queries, bank, k):
