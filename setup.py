@@ -6,6 +6,12 @@ why). INSTDISC_BUILD_CUDA=1 forces the CUDA build (an error if impossible),
 INSTDISC_BUILD_CUDA=0 disables it. TORCH_CUDA_ARCH_LIST picks the GPU
 architectures (default below). The toolkit root (CUDA_HOME) is found from
 nvcc when not set.
+
+The C++ code is compiled for the portable x86-64 baseline: the hot CPU kernels
+are compiled once per CPU capability (AVX2, AVX-512) and picked at load time
+(csrc/cpu/capability.h; INSTDISC_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16
+caps the choice at run time). INSTDISC_NATIVE=1 adds -march=native (a build
+for this machine only: it may crash with an illegal instruction elsewhere).
 """
 import glob
 import os
@@ -87,7 +93,10 @@ def cuda_plan():
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 or C++20)
-    if os.environ.get("INSTDISC_NATIVE", "1") == "1":
+    native = os.environ.get("INSTDISC_NATIVE", "0").strip()
+    if native not in ("0", "1"):
+        raise SystemExit(f"INSTDISC_NATIVE must be 0 or 1, got {native!r}")
+    if native == "1":  # opt-in: this machine's ISA everywhere (not portable)
         cxx.append("-march=native")
     build_cuda, info = cuda_plan()
     if not build_cuda:

@@ -7,6 +7,10 @@
 #endif
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/capability.h"
+
 #ifndef INSTDISC_NO_PYTHON
 extern "C" {
 // `import instdisc_kernels._C` loads this shared library, which runs the
@@ -51,8 +55,12 @@ TORCH_LIBRARY(instdisc, m) {
   // Weighted-kNN top-k (SPEC 1.3): the k most similar bank rows per query,
   // sorted by (similarity desc, index asc); similarities (Q, k) computed in
   // float64, returned in float64 if an input is float64, else float32.
-  // CPU: bf16 prefilter with a rigorous error bound, exact float64 rescore.
-  // portable: never use the AVX512-BF16 path (tests of the portable loop).
-  m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk_size, bool portable) "
-        "-> (Tensor values, Tensor indices)");
+  // CPU: bf16 prefilter with a rigorous error bound (AVX512-BF16 under the avx512_bf16
+  // capability, a portable loop otherwise), exact float64 rescore.
+  m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk_size) -> (Tensor values, Tensor indices)");
+
+  // The CPU capability the CPU kernels run with (csrc/cpu/capability.h): "default", "avx2",
+  // "avx512" or "avx512_bf16"; chosen at load from the CPU, capped by INSTDISC_CPU_CAPABILITY.
+  m.def("cpu_capability() -> str",
+        [] { return std::string(instdisc::cpu::capability_name(instdisc::cpu::capability())); });
 }

@@ -1,21 +1,8 @@
-// Bank-row helpers of the CPU kernels (nce.cpp, knn.cpp): widening bf16/fp16/fp32 rows to the
-// accumulation type, dot/axpy with independent partial sums, and prefetched walks over a list of
-// scattered rows (a random gather is latency-bound: the next rows are requested early).
-#pragma once
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
-namespace instdisc {
+// Bank-row helpers of the CPU kernels (nce_kernels.h, knn_kernels.h): widening bf16/fp16/fp32 rows
+// to the accumulation type, dot/axpy with independent partial sums, and prefetched walks over a
+// list of scattered rows (a random gather is latency-bound: the next rows are requested early).
+// Compiled once per CPU capability: included (without a guard) by the kernel headers, inside the
+// namespaces of kernel_variants.h, which includes what it needs (<immintrin.h>, c10 types).
 namespace rows {
 
 // How many bank rows to prefetch ahead of the one being read: about 8 KiB of rows (16 fp32 rows
@@ -36,7 +23,7 @@ inline void widen(const bank_t* __restrict src, acc_t* __restrict dst, int64_t n
     }
   } else if constexpr (std::is_same_v<bank_t, c10::Half> && std::is_same_v<acc_t, float>) {
     int64_t d = 0;
-#if defined(__F16C__)
+#if INSTDISC_VARIANT_LEVEL >= 1  // F16C
     for (; d + 8 <= n; d += 8)
       _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
 #endif
@@ -96,4 +83,3 @@ inline void for_each_row(const bank_t* mem, int64_t stride, const idx_t* idx, in
 }
 
 }  // namespace rows
-}  // namespace instdisc

@@ -14,6 +14,7 @@
 
 #include <limits>
 
+#include "../checks.h"
 #include "cuda_utils.cuh"
 
 namespace instdisc {
@@ -95,14 +96,7 @@ at::Tensor superseded_rows(const at::Tensor& idx) {
 }
 
 void bank_update_cuda(at::Tensor memory, const at::Tensor& indices, const at::Tensor& features, double momentum) {
-  TORCH_CHECK(memory.is_cuda() && indices.is_cuda() && features.is_cuda(),
-              "bank_update_ (cuda): memory, indices and features must be CUDA tensors");
-  TORCH_CHECK(memory.device() == indices.device() && memory.device() == features.device(),
-              "bank_update_ (cuda): memory, indices and features must be on the same device");
-  TORCH_CHECK(memory.dim() == 2 && memory.is_contiguous(), "memory must be a contiguous (N, D) tensor");
-  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, "indices must be a 1-D int64 tensor");
-  TORCH_CHECK(features.dim() == 2 && features.size(0) == indices.size(0) && features.size(1) == memory.size(1),
-              "features must be (B, D) matching indices and memory");
+  checks::bank_update_args(memory, indices, features, momentum, c10::DeviceType::CUDA);
   const int64_t N = memory.size(0), D = memory.size(1), B = indices.size(0);
   if (B == 0 || D == 0) return;
   c10::cuda::CUDAGuard guard(memory.device());

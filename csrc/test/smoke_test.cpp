@@ -81,19 +81,17 @@ void check_bank_update(const at::Tensor& F, const at::Tensor& V, const at::Tenso
                std::vector<double>(row1.data_ptr<double>(), row1.data_ptr<double>() + D), 0.0);
 }
 
-// knn_topk (bf16 prefilter + float64 rescore) on both prefilters: the float64 top k.
+// knn_topk (bf16 prefilter + float64 rescore; the prefilter of the CPU capability in use,
+// INSTDISC_CPU_CAPABILITY caps it): the float64 top k.
 void check_knn_topk(const at::Tensor& F, const at::Tensor& V) {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("instdisc::knn_topk", "");
-  for (bool portable : {false, true}) {
-    std::vector<c10::IValue> stack{F, V, K, int64_t(64), portable};
-    op.callBoxed(&stack);
-    const std::string tag = portable ? " (portable prefilter)" : "";
-    expect_close("knn_topk indices" + tag, stack[1].toTensor(), {5, 2, 1, 4, 1, 4, 5, 2, 4, 1, 0, 5}, 0.0);
-    expect_close("knn_topk similarities" + tag, stack[0].toTensor(),
-                 {0.0728342134, 0.0668482532, 0.000326025533, -0.0202702593, 0.191764524, 0.15687154,
-                  0.0686033437, 0.00889350721, 0.109267315, 0.108466671, -0.028473361, -0.0339138656},
-                 1e-7);
-  }
+  std::vector<c10::IValue> stack{F, V, K, int64_t(64)};
+  op.callBoxed(&stack);
+  expect_close("knn_topk indices", stack[1].toTensor(), {5, 2, 1, 4, 1, 4, 5, 2, 4, 1, 0, 5}, 0.0);
+  expect_close("knn_topk similarities", stack[0].toTensor(),
+               {0.0728342134, 0.0668482532, 0.000326025533, -0.0202702593, 0.191764524, 0.15687154,
+                0.0686033437, 0.00889350721, 0.109267315, 0.108466671, -0.028473361, -0.0339138656},
+               1e-7);
 }
 
 }  // namespace

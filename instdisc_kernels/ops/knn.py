@@ -212,22 +212,23 @@ def knn_topk(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, query_batch=DEFAULT_
 # --------------------------------------------------------------------------- #
 if _backend.op_handle("knn_topk") is not None:
     @torch.library.register_fake("instdisc::knn_topk")
-    def _knn_topk_fake(queries, bank, k, chunk_size, portable):
+    def _knn_topk_fake(queries, bank, k, chunk_size):
         Q = queries.shape[0]
         return (queries.new_empty((Q, k), dtype=opmath(queries.dtype, bank.dtype)),
                 queries.new_empty((Q, k), dtype=torch.int64))
 
-    # whether the kernel's AVX512-BF16 prefilter runs here ("auto" picks the kernel only then)
-    _CPU_SIMD = _backend.op_handle("knn_cpu_has_avx512bf16") is not None and bool(
-        torch.ops.instdisc.knn_cpu_has_avx512bf16())
+    # whether the kernel's AVX512-BF16 prefilter runs here ("auto" picks the kernel only then): the CPU
+    # capability chosen at load (INSTDISC_CPU_CAPABILITY can lower it)
+    _CPU_SIMD = (_backend.op_handle("cpu_capability") is not None
+                 and torch.ops.instdisc.cpu_capability() == "avx512_bf16")
 else:
     _CPU_SIMD = False
 
 
-def knn_topk_cpp(queries, bank, k, *, chunk_size=DEFAULT_CHUNK, portable=False):
+def knn_topk_cpp(queries, bank, k, *, chunk_size=DEFAULT_CHUNK):
     """(values, indices) (Q, k) from the C++ kernel: the float64 top k by
     (similarity desc, index asc); values in the inputs' opmath dtype."""
-    return torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size, portable)
+    return torch.ops.instdisc.knn_topk(queries, bank, k, chunk_size)
 
 
 def _topk_full(queries, bank, k):

@@ -323,7 +323,7 @@ def test_opcheck_nce_forward_cuda():
 @gpu
 def test_nce_forward_rejects_large_d_clearly():
     F, mem, y, neg = _data(2, 3, 600, 10)
-    with pytest.raises(RuntimeError, match="feature dim"):
+    with pytest.raises(ValueError, match="feature dim"):
         _call(F, mem, y, neg)
 
 

@@ -28,7 +28,7 @@ if not _backend.extension_loaded():
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 # Capability queries: no tensor in or out, so nothing to fake or trace.
-QUERIES = {"knn_cpu_has_avx512bf16"}
+QUERIES = {"cpu_capability"}
 
 
 def _schemas():

@@ -1,8 +1,9 @@
 """The fused C++ kNN kernel (csrc/cpu/knn.cpp) against the float64 oracle.
 
 Its answer is the float64 top k (bf16 prefilter with a rigorous bound, float64
-rescore), so indices must equal the oracle's stable sort exactly, on both the
-AVX512-BF16 prefilter and the portable one."""
+rescore), so indices must equal the oracle's stable sort exactly. The prefilter
+is the one of the CPU capability chosen at load (AVX512-BF16 where the CPU has
+it); test_cpu_capability.py runs this file again with the portable prefilter."""
 import importlib.util
 import os
 
@@ -17,15 +18,8 @@ from instdisc_kernels.ops import knn as K
 pytestmark = pytest.mark.skipif(not K.TABLE.available("cpu", torch.device("cpu")),
                                 reason="the C++ extension instdisc_kernels._C is not built")
 
-PREFILTERS = [
-    pytest.param(False, id="avx512bf16", marks=pytest.mark.skipif(
-        not K._CPU_SIMD, reason="this CPU has no AVX512-BF16 (the portable prefilter is tested)")),
-    pytest.param(True, id="portable"),
-]
-
-
-def _check(q, bank, k, portable, chunk=K.DEFAULT_CHUNK):
-    v, i = K.knn_topk_cpp(q, bank, k, chunk_size=chunk, portable=portable)
+def _check(q, bank, k, chunk=K.DEFAULT_CHUNK):
+    v, i = K.knn_topk_cpp(q, bank, k, chunk_size=chunk)
     rv, ri = _stable_topk(q, bank, k)
     assert v.shape == (q.shape[0], k) and i.dtype == torch.int64
     assert v.dtype == (torch.float64 if torch.float64 in (q.dtype, bank.dtype) else torch.float32)
@@ -47,25 +41,22 @@ SHAPES = [  # Q, N, D, k, chunk
 ]
 
 
-@pytest.mark.parametrize("portable", PREFILTERS)
 @pytest.mark.parametrize("Q,N,D,k,chunk", SHAPES)
-def test_matches_oracle(Q, N, D, k, chunk, portable):
+def test_matches_oracle(Q, N, D, k, chunk):
     q, _, bank, _ = _clustered(Q, N, D, 5)
-    _check(q, bank, k, portable, chunk)
+    _check(q, bank, k, chunk)
 
 
-@pytest.mark.parametrize("portable", PREFILTERS)
 @pytest.mark.parametrize("qdtype,bdtype", [
     (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
     (torch.float64, torch.float64), (torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16)])
-def test_dtypes(qdtype, bdtype, portable):
+def test_dtypes(qdtype, bdtype):
     # stored values are upcast exactly: the oracle sees the same numbers
     q, _, bank, _ = _clustered(11, 700, 32, 4)
-    _check(q.to(qdtype), bank.to(bdtype), 25, portable, chunk=128)
+    _check(q.to(qdtype), bank.to(bdtype), 25, chunk=128)
 
 
-@pytest.mark.parametrize("portable", PREFILTERS)
-def test_differences_below_bf16_resolution(portable):
+def test_differences_below_bf16_resolution():
     # bank rows that bf16 rounds to the same vector but that differ in fp32: the
     # prefilter cannot rank them, the bound must keep all of them for the rescore
     base = _unit(1, 64)[0]
@@ -77,12 +68,11 @@ def test_differences_below_bf16_resolution(portable):
     # ranking by bf16 similarities alone would be wrong
     bf16_rank = (q.bfloat16().double() @ bank.bfloat16().double().t()).topk(150, dim=1).indices
     assert not torch.equal(bf16_rank.sort(1).values, _stable_topk(q, bank, 150)[1].sort(1).values)
-    _check(q, bank, 150, portable)
+    _check(q, bank, 150)
 
 
-@pytest.mark.parametrize("portable", PREFILTERS)
 @pytest.mark.parametrize("order", ["ascending", "descending", "equal"])
-def test_adversarial_orders(order, portable):
+def test_adversarial_orders(order):
     # ascending: every row enters the running top k (most threshold updates and
     # histogram rebuilds); equal: every similarity ties
     q = _unit(3, 32).float()
@@ -93,32 +83,26 @@ def test_adversarial_orders(order, portable):
         sim = bank.double() @ q[0].double()
         bank = bank[sim.argsort(descending=order == "descending")].contiguous()
     for k in (1, 64, 300):
-        _check(q, bank, k, portable, chunk=1000)
+        _check(q, bank, k, chunk=1000)
 
 
-@pytest.mark.parametrize("portable", PREFILTERS)
-def test_ties_lower_index_first(portable):
+def test_ties_lower_index_first():
     q, bank = _tied_data()
     for k in (1, 5, 40, 41, 120):
-        _, i = K.knn_topk_cpp(q, bank, k, chunk_size=33, portable=portable)
+        _, i = K.knn_topk_cpp(q, bank, k, chunk_size=33)
         assert torch.equal(i, _stable_topk(q, bank, k)[1]), k
 
 
-@pytest.mark.parametrize("portable", PREFILTERS)
-def test_scaled_rows(portable):
+def test_scaled_rows():
     # the bound scales with the norms: rows far from unit length
     q, _, bank, _ = _clustered(9, 500, 24, 3)
-    _check(q * 1e3, bank * torch.logspace(-3, 3, 500)[:, None], 30, portable)
+    _check(q * 1e3, bank * torch.logspace(-3, 3, 500)[:, None], 30)
 
 
-def test_prefilters_agree_on_larger_data():
-    if not K._CPU_SIMD:
-        pytest.skip("this CPU has no AVX512-BF16: only the portable prefilter exists here")
+def test_larger_data():
     q, _, bank, _ = _clustered(200, 6000, 128, 10, spread=0.7)
     a = K.knn_topk_cpp(q, bank, 200)
-    b = K.knn_topk_cpp(q, bank, 200, portable=True)
-    rv, ri = _stable_topk(q, bank, 200)
-    assert torch.equal(a[1], ri) and torch.equal(b[1], ri)
+    assert torch.equal(a[1], _stable_topk(q, bank, 200)[1])
 
 
 def test_knn_predict_backends_agree():
@@ -136,18 +120,18 @@ def test_non_finite_similarities_are_an_error():
     q[1, 0] = float("nan")
     with pytest.raises(ValueError, match="queries"):
         knn_predict(q, bank, lab, k=5, backend="cpu")
-    with pytest.raises(RuntimeError, match="query 1 is not finite"):   # validate=False: the kernel refuses
+    with pytest.raises(ValueError, match="query 1 is not finite"):   # validate=False: the kernel refuses
         knn_predict(q, bank, lab, k=5, backend="cpu", validate=False)
     q[1, 0] = 0
     bank[7, 3] = float("inf")
-    with pytest.raises(RuntimeError, match="bank row 7 is not finite"):
+    with pytest.raises(ValueError, match="bank row 7 is not finite"):
         knn_predict(q, bank, lab, k=5, backend="cpu", validate=False)
 
 
 def test_opcheck():
     q, _, bank, _ = _clustered(5, 120, 12, 3)
-    torch.library.opcheck(torch.ops.instdisc.knn_topk.default, (q, bank, 7, 50, True))
-    torch.library.opcheck(torch.ops.instdisc.knn_topk.default, (q.double(), bank.bfloat16(), 7, 50, False))
+    torch.library.opcheck(torch.ops.instdisc.knn_topk.default, (q, bank, 7, 50))
+    torch.library.opcheck(torch.ops.instdisc.knn_topk.default, (q.double(), bank.bfloat16(), 7, 50))
 
 
 # --------------------------------------------------------------------------- #
