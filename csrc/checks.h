@@ -75,8 +75,8 @@ inline void index_matrix(const at::Tensor& t, const char* name, int64_t B, int64
 // Index values in [0, N) (host data only).
 inline void index_values(const int64_t* p, int64_t n, int64_t N, const char* name) {
   for (int64_t i = 0; i < n; ++i)
-    INSTDISC_CHECK_VALUE(p[i] >= 0 && p[i] < N, name, " contains ", p[i], " (flat position ", i,
-                         "), out of range [0, ", N, ")");
+    INSTDISC_CHECK_VALUE(p[i] >= 0 && p[i] < N, name, " contains ", p[i], " (flat position ", i, "), out of range [0, ",
+                         N, ")");
 }
 
 // A one-element tensor (z, seed) on the bank's device.
@@ -99,9 +99,7 @@ inline void temperature(double T) {
   INSTDISC_CHECK_VALUE(std::isfinite(T) && T > 0, "temperature must be a positive finite number, got ", T);
 }
 
-inline void momentum(double m) {
-  INSTDISC_CHECK_VALUE(m >= 0 && m < 1, "momentum must be in [0, 1), got ", m);
-}
+inline void momentum(double m) { INSTDISC_CHECK_VALUE(m >= 0 && m < 1, "momentum must be in [0, 1), got ", m); }
 
 // The scalar arguments of nce_forward.
 inline void nce_scalars(int64_t num_negatives, bool has_neg, double temperature_, double proximal, int64_t loss_type,
@@ -191,12 +189,11 @@ inline void bank_update_args(const at::Tensor& memory, const at::Tensor& indices
   int64_dtype(indices, "indices");
   INSTDISC_CHECK_VALUE(indices.dim() == 1, "indices must be a 1-D tensor, got shape ", indices.sizes());
   same_device(features_, "features", memory);
-  INSTDISC_CHECK_VALUE(features_.dim() == 2 && features_.size(0) == indices.size(0) &&
-                           features_.size(1) == memory.size(1),
-                       "features must have shape (B=", indices.size(0), ", D=", memory.size(1), "), got ",
-                       features_.sizes());
-  INSTDISC_CHECK_TYPE(is_float_dtype(features_.scalar_type()), "features must be float32/float64/bfloat16/float16, got ",
-                      features_.scalar_type());
+  INSTDISC_CHECK_VALUE(
+      features_.dim() == 2 && features_.size(0) == indices.size(0) && features_.size(1) == memory.size(1),
+      "features must have shape (B=", indices.size(0), ", D=", memory.size(1), "), got ", features_.sizes());
+  INSTDISC_CHECK_TYPE(is_float_dtype(features_.scalar_type()),
+                      "features must be float32/float64/bfloat16/float16, got ", features_.scalar_type());
   momentum(momentum_);
 }
 

@@ -16,19 +16,19 @@ extern "C" {
 // `import instdisc_kernels._C` loads this shared library, which runs the
 // static TORCH_LIBRARY initialisers below. No Python functions are exported.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "instdisc C++/CUDA operators (torch.ops.instdisc)", -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "instdisc C++/CUDA operators (torch.ops.instdisc)", -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
 #endif
 
 TORCH_LIBRARY(instdisc, m) {
-  // Memory-bank momentum update (SPEC 1.1), in place:
+  // Memory-bank momentum update (docs/method.md), in place:
   //   V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b]); last occurrence wins.
   m.def("bank_update_(Tensor(a!) memory, Tensor indices, Tensor features, float momentum) -> ()");
 
-  // Fused sampled-negative NCE / InfoNCE forward (SPEC 1.1). Reads each bank row
+  // Fused sampled-negative NCE / InfoNCE forward (docs/method.md). Reads each bank row
   // once and returns the loss, dloss/dfeatures (saved for backward) and the Z used.
   //   neg_indices: (B, K) int64 or None (then drawn in-kernel from Philox(seed)).
   //   z: (1,) float32; <= 0 means "estimate from this batch".
@@ -43,16 +43,19 @@ TORCH_LIBRARY(instdisc, m) {
 
   // lemniscate NCEAverage drop-in: P = exp(V[idx] . F / T) / Z (B x (K+1)) and
   // its backward dF[b] = sum_k gP[b,k] * P[b,k] / T * V[idx[b,k]].
-  m.def("nce_probs(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
-        "-> (Tensor probs, Tensor z_out)");
-  m.def("nce_probs_backward(Tensor grad_probs, Tensor probs, Tensor memory, Tensor idx, "
-        "float temperature) -> Tensor");
+  m.def(
+      "nce_probs(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
+      "-> (Tensor probs, Tensor z_out)");
+  m.def(
+      "nce_probs_backward(Tensor grad_probs, Tensor probs, Tensor memory, Tensor idx, "
+      "float temperature) -> Tensor");
   // nce_probs plus lemniscate's NCECriterion on them (Pn = 1/N, K = idx.size(1) - 1) in the same
   // pass: its loss, dloss/dF and dloss/dP (CPU only; the drop-in uses it when NCECriterion follows).
-  m.def("nce_probs_loss(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
-        "-> (Tensor probs, Tensor loss, Tensor grad_features, Tensor grad_probs, Tensor z_out)");
+  m.def(
+      "nce_probs_loss(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
+      "-> (Tensor probs, Tensor loss, Tensor grad_features, Tensor grad_probs, Tensor z_out)");
 
-  // Weighted-kNN top-k (SPEC 1.3): the k most similar bank rows per query,
+  // Weighted-kNN top-k (docs/method.md): the k most similar bank rows per query,
   // sorted by (similarity desc, index asc); similarities (Q, k) computed in
   // float64, returned in float64 if an input is float64, else float32.
   // CPU: bf16 prefilter with a rigorous error bound (AVX512-BF16 under the avx512_bf16

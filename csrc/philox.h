@@ -50,8 +50,8 @@ static_assert(philox_kat(U32x4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x0370734
 
 // The Philox block holding draws 2*blk and 2*blk + 1 of batch row b.
 INSTDISC_HD inline U32x4 negatives_block(uint64_t seed, uint64_t b, uint64_t blk) {
-  return philox4x32_10(U32x4{{uint32_t(blk), uint32_t(blk >> 32), uint32_t(b), uint32_t(b >> 32)}},
-                       uint32_t(seed), uint32_t(seed >> 32));
+  return philox4x32_10(U32x4{{uint32_t(blk), uint32_t(blk >> 32), uint32_t(b), uint32_t(b >> 32)}}, uint32_t(seed),
+                       uint32_t(seed >> 32));
 }
 
 // Draw `half` (0: even j, 1: odd j) of a block as a 64-bit word.

@@ -1,4 +1,4 @@
-// CPU memory-bank momentum update (SPEC 1.1), deterministic with repeated indices; every written
+// CPU memory-bank momentum update (docs/method.md), deterministic with repeated indices; every written
 // row is a finite unit row (a row whose update has no direction keeps its old value).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,8 +20,7 @@
 namespace instdisc {
 namespace {
 
-void bank_update_cpu(at::Tensor memory, const at::Tensor& indices, const at::Tensor& features,
-                     double momentum) {
+void bank_update_cpu(at::Tensor memory, const at::Tensor& indices, const at::Tensor& features, double momentum) {
   checks::bank_update_args(memory, indices, features, momentum, c10::DeviceType::CPU);
   const int64_t N = memory.size(0), D = memory.size(1), B = indices.size(0);
   if (B == 0) return;

@@ -25,8 +25,8 @@ acc_t inv_norm(acc_t* v, int64_t D, acc_t ss) {
 }
 
 template <typename bank_t, typename acc_t>
-void update_rows(bank_t* mem, const int64_t* idx, const acc_t* feat, const std::vector<int64_t>& rows,
-                 int64_t D, acc_t m) {
+void update_rows(bank_t* mem, const int64_t* idx, const acc_t* feat, const std::vector<int64_t>& rows, int64_t D,
+                 acc_t m) {
   at::parallel_for(0, static_cast<int64_t>(rows.size()), 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> v(D);
     for (int64_t r = begin; r < end; ++r) {

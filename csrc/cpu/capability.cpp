@@ -13,8 +13,7 @@ namespace {
 Capability detect() {
 #if defined(INSTDISC_CPU_VARIANTS)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("bmi2");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   if (!avx2) return Capability::kDefault;
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -52,10 +51,14 @@ Capability capability() {
 
 const char* capability_name(Capability c) {
   switch (c) {
-    case Capability::kAvx2: return "avx2";
-    case Capability::kAvx512: return "avx512";
-    case Capability::kAvx512Bf16: return "avx512_bf16";
-    default: return "default";
+    case Capability::kAvx2:
+      return "avx2";
+    case Capability::kAvx512:
+      return "avx512";
+    case Capability::kAvx512Bf16:
+      return "avx512_bf16";
+    default:
+      return "default";
   }
 }
 

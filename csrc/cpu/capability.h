@@ -32,28 +32,28 @@ const char* capability_name(Capability c);
 //   INSTDISC_CPU_DISPATCH(cap::nce_kernel<bank_t, acc_t>(args...));
 // (avx512_bf16 uses the avx512 build: only knn_topk has a bf16 path, chosen inside it.)
 #if defined(INSTDISC_CPU_VARIANTS)
-#define INSTDISC_CPU_DISPATCH(...)                                         \
-  [&]() -> decltype(auto) {                                                \
-    switch (::instdisc::cpu::capability()) {                               \
-      case ::instdisc::cpu::Capability::kAvx512:                           \
-      case ::instdisc::cpu::Capability::kAvx512Bf16: {                     \
-        namespace cap = ::instdisc::cpu_avx512;                            \
-        return __VA_ARGS__;                                                \
-      }                                                                    \
-      case ::instdisc::cpu::Capability::kAvx2: {                           \
-        namespace cap = ::instdisc::cpu_avx2;                              \
-        return __VA_ARGS__;                                                \
-      }                                                                    \
-      default: {                                                           \
-        namespace cap = ::instdisc::cpu_default;                           \
-        return __VA_ARGS__;                                                \
-      }                                                                    \
-    }                                                                      \
+#define INSTDISC_CPU_DISPATCH(...)                     \
+  [&]() -> decltype(auto) {                            \
+    switch (::instdisc::cpu::capability()) {           \
+      case ::instdisc::cpu::Capability::kAvx512:       \
+      case ::instdisc::cpu::Capability::kAvx512Bf16: { \
+        namespace cap = ::instdisc::cpu_avx512;        \
+        return __VA_ARGS__;                            \
+      }                                                \
+      case ::instdisc::cpu::Capability::kAvx2: {       \
+        namespace cap = ::instdisc::cpu_avx2;          \
+        return __VA_ARGS__;                            \
+      }                                                \
+      default: {                                       \
+        namespace cap = ::instdisc::cpu_default;       \
+        return __VA_ARGS__;                            \
+      }                                                \
+    }                                                  \
   }()
 #else
-#define INSTDISC_CPU_DISPATCH(...)                \
-  [&]() -> decltype(auto) {                       \
-    namespace cap = ::instdisc::cpu_default;      \
-    return __VA_ARGS__;                           \
+#define INSTDISC_CPU_DISPATCH(...)           \
+  [&]() -> decltype(auto) {                  \
+    namespace cap = ::instdisc::cpu_default; \
+    return __VA_ARGS__;                      \
   }()
 #endif

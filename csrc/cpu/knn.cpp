@@ -1,4 +1,4 @@
-// CPU weighted-kNN top-k (SPEC 1.3): the k most similar bank rows per query,
+// CPU weighted-kNN top-k (docs/method.md): the k most similar bank rows per query,
 // exact in float64, without ever building the Q x N similarity matrix.
 //
 // Two stages:

@@ -4,9 +4,9 @@
 
 namespace {
 
-constexpr int MR = 8;     // queries per register tile
-constexpr int LANES = 16; // bank rows per 512-bit vector
-constexpr int NB = 2;     // vectors per tile: 32 bank rows
+constexpr int MR = 8;       // queries per register tile
+constexpr int LANES = 16;   // bank rows per 512-bit vector
+constexpr int NB = 2;       // vectors per tile: 32 bank rows
 constexpr int QBLOCK = 64;  // queries per parallel task (a multiple of MR)
 
 constexpr int NBIN = 256;  // threshold histogram bins per query
@@ -20,12 +20,12 @@ constexpr int NBIN = 256;  // threshold histogram bins per query
 struct QState {
   std::vector<float> s;
   std::vector<int32_t> j;
-  size_t n = 0;      // entries in use
-  size_t limit = 0;  // compact (drop entries < lo) when n reaches it
+  size_t n = 0;                                        // entries in use
+  size_t limit = 0;                                    // compact (drop entries < lo) when n reaches it
   float lo = -std::numeric_limits<float>::infinity();  // admit rows with s~ >= lo
-  uint32_t* cnt = nullptr;  // NBIN counters
-  double h0 = 0, w = 1;     // histogram origin and bin width
-  float h0f = 0, invw = 1;  // the same in float, for binning
+  uint32_t* cnt = nullptr;                             // NBIN counters
+  double h0 = 0, w = 1;                                // histogram origin and bin width
+  float h0f = 0, invw = 1;                             // the same in float, for binning
   int tb = 0;
   size_t above = 0;
   size_t since_rebin = 0;
@@ -163,9 +163,10 @@ void tile_portable(const uint32_t* qp, const uint32_t* vp, int64_t Dp, float* ou
 // the avx512_bf16 capability), or, without per-capability builds, from its target attribute.
 #if defined(INSTDISC_X86) && defined(__GNUC__) && (INSTDISC_VARIANT_LEVEL >= 2 || !defined(INSTDISC_CPU_VARIANTS))
 #define INSTDISC_HAVE_BF16_PATH 1
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void block_avx512bf16(const uint32_t* qblk, int64_t nq, const uint32_t* vchunk, int64_t n, int64_t start,
-                      QState* states, int64_t q0, const Ctx& cx) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void block_avx512bf16(const uint32_t* qblk, int64_t nq,
+                                                                                      const uint32_t* vchunk, int64_t n,
+                                                                                      int64_t start, QState* states,
+                                                                                      int64_t q0, const Ctx& cx) {
   const int64_t Dp = cx.Dp;
   const int64_t ntiles = (n + NB * LANES - 1) / (NB * LANES);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -215,8 +216,8 @@ void block_avx512bf16(const uint32_t* qblk, int64_t nq, const uint32_t* vchunk, 
 }
 #endif
 
-void block_portable(const uint32_t* qblk, int64_t nq, const uint32_t* vchunk, int64_t n, int64_t start,
-                    QState* states, int64_t q0, const Ctx& cx) {
+void block_portable(const uint32_t* qblk, int64_t nq, const uint32_t* vchunk, int64_t n, int64_t start, QState* states,
+                    int64_t q0, const Ctx& cx) {
   const int64_t Dp = cx.Dp;
   const int64_t ntiles = (n + NB * LANES - 1) / (NB * LANES);
   std::vector<float> out(MR * NB * LANES);
@@ -313,7 +314,7 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
     const double scale = qt[q] * Mt;
     INSTDISC_CHECK_VALUE(std::isfinite(qn[q]) && std::isfinite(qt[q]), "knn: query ", q, " is not finite (NaN or inf)");
     INSTDISC_CHECK_VALUE(scale < 1e30 && qn[q] * Mv < 1e30,
-                "knn: row norms too large for the bf16 prefilter (|query| * |bank row| >= 1e30)");
+                         "knn: row norms too large for the bf16 prefilter (|query| * |bank row| >= 1e30)");
     const double flush = std::ldexp(1.0, -126) * (std::sqrt(n32) * (qt[q] + Mt) + 2 * n32);
     const double e = qt[q] * Rv + qd[q] * Mv + g32 * scale + g64 * qn[q] * Mv + flush;
     twoE[q] = 2 * e * (1 + 1e-9);
@@ -325,7 +326,8 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   pack_rows_q(qx, Q, D, Dp, qpack.data());
   const int64_t tile_rows = NB * LANES;
   const int64_t chunk_rows = std::max<int64_t>(tile_rows, (chunk + tile_rows - 1) / tile_rows * tile_rows);
-  std::vector<uint32_t> vpack(static_cast<size_t>(std::min(chunk_rows, (N + tile_rows - 1) / tile_rows * tile_rows) * Dp));
+  std::vector<uint32_t> vpack(
+      static_cast<size_t>(std::min(chunk_rows, (N + tile_rows - 1) / tile_rows * tile_rows) * Dp));
   int64_t packed = -1;  // start row of the chunk in vpack
   // Queries go in groups whose states (histogram + list, a few KB each) live
   // together. With a one-chunk bank, packed once, groups cost nothing: 2048

@@ -1,4 +1,4 @@
-// CPU op nce_forward, the fused sampled-negative NCE / InfoNCE (SPEC 1.1): loss, dloss/dF and the Z
+// CPU op nce_forward, the fused sampled-negative NCE / InfoNCE (docs/method.md): loss, dloss/dF and the Z
 // used, in one pass over the gathered rows (two when Z is estimated from the batch: a dot-only
 // pre-pass first). Kernels: nce_kernels.h (per CPU capability); the NCEAverage ops are in
 // nce_probs.cpp. Contract: instdisc_kernels/ops/nce.py; schema: csrc/instdisc.cpp.
@@ -11,9 +11,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
     const at::Tensor& features, const at::Tensor& memory, const at::Tensor& indices,
-    const c10::optional<at::Tensor>& neg_indices, const at::Tensor& z, const at::Tensor& seed,
-    int64_t num_negatives, double temperature, double proximal, int64_t loss_type, double z_ema,
-    bool exclude_positive, const c10::optional<at::Tensor>& noise_probs) {
+    const c10::optional<at::Tensor>& neg_indices, const at::Tensor& z, const at::Tensor& seed, int64_t num_negatives,
+    double temperature, double proximal, int64_t loss_type, double z_ema, bool exclude_positive,
+    const c10::optional<at::Tensor>& noise_probs) {
   checks::nce_forward_args(features, memory, indices, neg_indices, z, seed, num_negatives, noise_probs,
                            c10::DeviceType::CPU);
   const int64_t B = features.size(0), D = features.size(1), N = memory.size(0);
@@ -38,9 +38,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cpu(
   std::vector<double> row_loss(B, 0.0);
   std::vector<int64_t> bad(B, -1);
 
-  NceArgs a{B, D, N, K, mem.stride(0), y.data_ptr<int64_t>(), neg.defined() ? neg.data_ptr<int64_t>() : nullptr,
-            static_cast<uint64_t>(seed.item<int64_t>()), exclude_positive,
-            noise.defined() ? noise.data_ptr<float>() : nullptr, temperature, proximal, loss_type};
+  NceArgs a{B,
+            D,
+            N,
+            K,
+            mem.stride(0),
+            y.data_ptr<int64_t>(),
+            neg.defined() ? neg.data_ptr<int64_t>() : nullptr,
+            static_cast<uint64_t>(seed.item<int64_t>()),
+            exclude_positive,
+            noise.defined() ? noise.data_ptr<float>() : nullptr,
+            temperature,
+            proximal,
+            loss_type};
   a.bad = bad.data();
 
   double z_used = z0;

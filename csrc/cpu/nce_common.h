@@ -21,11 +21,10 @@
 namespace instdisc {
 namespace {
 
-constexpr double kEps = 1e-7;   // lemniscate's NCECriterion eps
+constexpr double kEps = 1e-7;  // lemniscate's NCECriterion eps
 // Beyond |log P| > 80 the NCE terms take their asymptotic forms (dropping terms below e^-60
 // relative, also in fp64), so exp(log P) never overflows fp32.
 constexpr double kLogPLimit = 80;
-
 
 // z as a finite double (<= 0: estimate Z from the batch); z's device and dtype are checked before.
 inline double z_value(const at::Tensor& z) {
@@ -46,14 +45,12 @@ inline at::ScalarType acc_dtype(const at::Tensor& features) {
 }
 
 // memory with unit column stride (rows may be strided); copies only an unusual layout.
-inline at::Tensor row_major(const at::Tensor& memory) {
-  return memory.stride(1) == 1 ? memory : memory.contiguous();
-}
+inline at::Tensor row_major(const at::Tensor& memory) { return memory.stride(1) == 1 ? memory : memory.contiguous(); }
 
 // Z = N * mean(exp(t)) over B*(K+1) logits t, from per-row maxima and sums of exp(t - max):
 // returns log Z (robust to exp overflow), combining rows serially (deterministic).
 inline double log_z_estimate(const std::vector<double>& row_max, const std::vector<double>& row_sum, int64_t N,
-                      int64_t count) {
+                             int64_t count) {
   double M = -std::numeric_limits<double>::infinity();
   for (double m : row_max) M = std::max(M, m);
   double total = 0;
@@ -80,15 +77,15 @@ inline at::Tensor total_loss(const std::vector<double>& row_loss, const at::Tens
 
 struct NceArgs {
   int64_t B, D, N, K, row_stride;
-  const int64_t* y;         // (B)
-  const int64_t* neg;       // (B, K) or nullptr: draw in-kernel
+  const int64_t* y;    // (B)
+  const int64_t* neg;  // (B, K) or nullptr: draw in-kernel
   uint64_t seed;
   bool exclude_positive;
-  const float* noise;       // (N) or nullptr: Pn = 1/N
+  const float* noise;  // (N) or nullptr: Pn = 1/N
   double T, proximal;
   int64_t loss_type;
   const int64_t* idx_full = nullptr;  // (B, K+1) full index matrix (nce_probs_loss), else nullptr
-  int64_t* bad = nullptr;             // (B) or nullptr: per batch row, the first bank row whose score is not finite, or -1
+  int64_t* bad = nullptr;  // (B) or nullptr: per batch row, the first bank row whose score is not finite, or -1
 };
 
 }  // namespace

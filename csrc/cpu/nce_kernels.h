@@ -35,7 +35,8 @@ void report_bad_rows(const NceArgs& a, const bank_t* mem) {
     for (int64_t d = 0; d < a.D; ++d) finite = finite && std::isfinite(static_cast<double>(mem[r * a.row_stride + d]));
     // a finite row: the features are not finite (validate=False) or the dot overflows; the loss is
     // then not finite either, which nce_loss reports (validate=True)
-    INSTDISC_CHECK_VALUE(finite, "memory row ", r, " contains NaN or inf (nce_loss read it); the bank and Z are left unchanged");
+    INSTDISC_CHECK_VALUE(finite, "memory row ", r,
+                         " contains NaN or inf (nce_loss read it); the bank and Z are left unchanged");
   }
 }
 
@@ -81,8 +82,8 @@ void for_batch_rows(const NceArgs& a, Fn&& fn) {
 // Dot-only pre-pass (Z estimated from the batch): scores[b, k] = V[idx[b,k]] . F[b], and per row the
 // max of t = s / T and sum exp(t - max).
 template <typename bank_t, typename acc_t>
-void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* scores,
-                std::vector<double>& row_max, std::vector<double>& row_sum) {
+void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* scores, std::vector<double>& row_max,
+                std::vector<double>& row_sum) {
   const int64_t K1 = a.K + 1, D = a.D;
   const acc_t invT = static_cast<acc_t>(1.0 / a.T);
   for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
@@ -121,10 +122,9 @@ struct RowLoss {
 // One entry of lemniscate NCE from lp = log P: adds its loss term to row, sets P and returns
 // coef = dloss/dP * P (times T*B). kp = K Pn, c = K Pn + eps; factor(P + eps) = 1 + (P + eps) / (K Pn).
 template <typename acc_t, typename Factor>
-acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& row, acc_t& P,
-                       Factor&& factor) {
+acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& row, acc_t& P, Factor&& factor) {
   P = std::exp(lp);
-  if (positive) {                    // log(P / (P + c)); coef = -c / (P + c)
+  if (positive) {  // log(P / (P + c)); coef = -c / (P + c)
     if (lp > lim) return 0;
     if (lp < -lim) {
       row.lsum += lp - std::log(c);
@@ -134,7 +134,7 @@ acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& 
     row.lsum += -std::log1p(r);
     return -r / (1 + r);
   }
-  if (lp > lim) {                    // negative: log(K Pn / (P + c)); coef = P / (P + c)
+  if (lp > lim) {  // negative: log(K Pn / (P + c)); coef = P / (P + c)
     row.lsum += -(lp - std::log(kp));
     return 1;
   }
@@ -148,9 +148,12 @@ struct UniformNce {
   acc_t invT, lz, kp, c, lim;
   double inv_kp;
   UniformNce(const NceArgs& a, double log_z)
-      : invT(static_cast<acc_t>(1.0 / a.T)), lz(static_cast<acc_t>(log_z)),
-        kp(static_cast<acc_t>(double(a.K) / double(a.N))), c(static_cast<acc_t>(double(a.K) / double(a.N) + kEps)),
-        lim(static_cast<acc_t>(kLogPLimit)), inv_kp(double(a.N) / double(a.K)) {}
+      : invT(static_cast<acc_t>(1.0 / a.T)),
+        lz(static_cast<acc_t>(log_z)),
+        kp(static_cast<acc_t>(double(a.K) / double(a.N))),
+        c(static_cast<acc_t>(double(a.K) / double(a.N) + kEps)),
+        lim(static_cast<acc_t>(kLogPLimit)),
+        inv_kp(double(a.N) / double(a.K)) {}
   acc_t entry(bool positive, acc_t s, RowLoss& row, acc_t& P) const {
     const double ik = inv_kp;
     return nce_entry(positive, s * invT - lz, kp, c, lim, row, P, [ik](double pe) { return 1.0 + pe * ik; });
@@ -167,8 +170,8 @@ acc_t criterion_dp(bool positive, acc_t P, acc_t c) {
 // products, or nullptr to compute them here (fixed Z: a single pass). probs, grad_probs: nullptr, or
 // (B, K+1) receiving P and dloss/dP (nce_probs_loss; uniform noise).
 template <typename bank_t, typename acc_t>
-void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z,
-              acc_t* grad, double* row_loss, acc_t* probs = nullptr, acc_t* grad_probs = nullptr) {
+void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_t* scores, double log_z, acc_t* grad,
+              double* row_loss, acc_t* probs = nullptr, acc_t* grad_probs = nullptr) {
   const int64_t K1 = a.K + 1, D = a.D;
   const UniformNce<acc_t> u(a, log_z);
   const acc_t eps = static_cast<acc_t>(kEps), inv_b = static_cast<acc_t>(1.0 / a.B);
@@ -198,7 +201,6 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
   });
 }
 
-
 // lemniscate NCE with Z fixed (z0 > 0 and no moving average: one pass) or estimated from this batch
 // (a dot-only pre-pass first; with z_ema > 0 averaged with z0). Returns the Z used.
 template <typename bank_t, typename acc_t>
@@ -221,8 +223,6 @@ double nce_with_z(const NceArgs& a, const bank_t* mem, const acc_t* feat, double
   nce_pass<bank_t, acc_t>(a, mem, feat, scores.data(), log_z, grad, row_loss, probs, grad_probs);
   return z_used;
 }
-
-
 
 // nce_pass for a full index matrix (a.idx_full), fixed Z and uniform noise, walking the bank in row
 // order: the B*(K+1) entries are counting-sorted by bank row and each row, read once, serves every
@@ -286,8 +286,6 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
     }
   });
 }
-
-
 
 // InfoNCE: softmax cross-entropy over the K+1 logits t (t_0 the positive's) in one pass, with an
 // online max/sum over the negatives only: m = max_k t_k, ln = sum_k exp(t_k - m) and
@@ -356,7 +354,6 @@ void proximal_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t
     }
   });
 }
-
 
 // --------------------------------------------------------------------------- //
 // Entry points (one per op, called through INSTDISC_CPU_DISPATCH)              //

@@ -35,9 +35,9 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cpu(const at::Tensor& features, con
     using bank_t = scalar_t;
     with_acc(acc, [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
-      z_used = INSTDISC_CPU_DISPATCH(cap::nce_probs_kernel<bank_t, acc_t>(
-          mem.data_ptr<bank_t>(), mem.stride(0), idx.data_ptr<int64_t>(), B, K1, D, N, feat.data_ptr<acc_t>(),
-          temperature, z0, probs.data_ptr<acc_t>()));
+      z_used = INSTDISC_CPU_DISPATCH(
+          cap::nce_probs_kernel<bank_t, acc_t>(mem.data_ptr<bank_t>(), mem.stride(0), idx.data_ptr<int64_t>(), B, K1, D,
+                                               N, feat.data_ptr<acc_t>(), temperature, z0, probs.data_ptr<acc_t>()));
     });
   });
   return {probs, z_tensor(z_used, features)};
@@ -68,9 +68,11 @@ at::Tensor nce_probs_backward_cpu(const at::Tensor& grad_probs, const at::Tensor
 // nce_probs and, in the same pass over the gathered rows, lemniscate's NCECriterion on them (Pn = 1/N,
 // K = idx.size(1) - 1): its loss, dloss/dF (as nce_forward computes them) and dloss/dP. The drop-in NCEAverage
 // uses it when NCECriterion follows, so that its backward needs no second pass over the bank.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(
-    const at::Tensor& features, const at::Tensor& memory, const at::Tensor& idx_in, const at::Tensor& z,
-    double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nce_probs_loss_cpu(const at::Tensor& features,
+                                                                                          const at::Tensor& memory,
+                                                                                          const at::Tensor& idx_in,
+                                                                                          const at::Tensor& z,
+                                                                                          double temperature) {
   checks::nce_probs_args(features, memory, idx_in, z, temperature, c10::DeviceType::CPU);
   const int64_t B = features.size(0), D = features.size(1), N = memory.size(0);
   const double z0 = z_value(z);

@@ -71,8 +71,8 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // Visits the bank rows idx[0..n) in order: fn(k, v) with v row k as acc_t (widened into buf when
 // the types differ), prefetching rows_ahead rows ahead of the one being read.
 template <typename acc_t, typename bank_t, typename idx_t, typename Fn>
-inline void for_each_row(const bank_t* mem, int64_t stride, const idx_t* idx, int64_t n, int64_t D,
-                         acc_t* buf, Fn&& fn) {
+inline void for_each_row(const bank_t* mem, int64_t stride, const idx_t* idx, int64_t n, int64_t D, acc_t* buf,
+                         Fn&& fn) {
   const int64_t bytes = D * static_cast<int64_t>(sizeof(bank_t));
   const int64_t ahead = rows_ahead(bytes);
   for (int64_t k = 0; k < std::min(ahead, n); ++k) prefetch_row(mem + static_cast<int64_t>(idx[k]) * stride, bytes);

@@ -1,4 +1,4 @@
-// CUDA memory-bank momentum update (SPEC 1.1), in place and deterministic:
+// CUDA memory-bank momentum update (docs/method.md), in place and deterministic:
 //   V[y[b]] <- normalize(m * V_old[y[b]] + (1 - m) * F[b])
 // in fp32 (fp64 for a float64 bank), rounded once to the bank dtype. With a
 // repeated index only the last occurrence in batch order writes its row, so
@@ -21,13 +21,13 @@ namespace instdisc {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;          // warps per block, one batch row per warp
+constexpr int kWarps = 8;            // warps per block, one batch row per warp
 constexpr int64_t kScanMaxB = 4096;  // up to this batch size duplicates are found by a scan
 
 template <typename bank_t, typename acc_t>
 __global__ void __launch_bounds__(kWarps * 32)
-bank_update_kernel(bank_t* __restrict__ mem, const int64_t* __restrict__ idx, const acc_t* __restrict__ feat,
-                   const bool* __restrict__ superseded, int64_t B, int64_t N, int64_t D, acc_t m) {
+    bank_update_kernel(bank_t* __restrict__ mem, const int64_t* __restrict__ idx, const acc_t* __restrict__ feat,
+                       const bool* __restrict__ superseded, int64_t B, int64_t N, int64_t D, acc_t m) {
   const int lane = threadIdx.x & 31;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (b >= B) return;  // warp-uniform
@@ -58,8 +58,7 @@ bank_update_kernel(bank_t* __restrict__ mem, const int64_t* __restrict__ idx, co
   acc_t pre = 1;
   if (!(ss >= kTiny && ss <= std::numeric_limits<acc_t>::max())) {  // warp-uniform; also NaN
     acc_t amax = 0;
-    for (int64_t d = lane; d < D; d += 32)
-      amax = fmax(amax, fabs(m * static_cast<acc_t>(dst[d]) + one_m * f[d]));
+    for (int64_t d = lane; d < D; d += 32) amax = fmax(amax, fabs(m * static_cast<acc_t>(dst[d]) + one_m * f[d]));
     amax = warp_max(amax);
     if (!(amax > acc_t(0)) || !isfinite(amax)) return;
     pre = acc_t(1) / amax;
@@ -112,9 +111,9 @@ void bank_update_cuda(at::Tensor memory, const at::Tensor& indices, const at::Te
   const dim3 grid(static_cast<unsigned>((B + kWarps - 1) / kWarps));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, memory.scalar_type(), "bank_update_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    bank_update_kernel<scalar_t, acc_t><<<grid, kWarps * 32, 0, stream>>>(
-        memory.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), feat.data_ptr<acc_t>(), sup_ptr, B, N, D,
-        static_cast<acc_t>(momentum));
+    bank_update_kernel<scalar_t, acc_t>
+        <<<grid, kWarps * 32, 0, stream>>>(memory.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), feat.data_ptr<acc_t>(),
+                                           sup_ptr, B, N, D, static_cast<acc_t>(momentum));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

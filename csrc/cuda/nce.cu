@@ -1,4 +1,4 @@
-// CUDA sampled-negative NCE / InfoNCE (SPEC 1.1): instdisc::nce_forward. Contract: the schema in
+// CUDA sampled-negative NCE / InfoNCE (docs/method.md): instdisc::nce_forward. Contract: the schema in
 // csrc/instdisc.cpp and the docstring of instdisc_kernels/ops/nce.py. The row kernel (one warp per
 // batch row and slice of the K+1 columns) is in nce_rows.cuh; the NCEAverage ops in nce_probs.cu.
 #include <torch/library.h>
@@ -44,7 +44,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_forward_cuda", [&] {
     using acc_t = scalar_t;
     RowArgs<acc_t> a;
-    a.B = B; a.K1 = K1; a.N = N; a.D = D;
+    a.B = B;
+    a.K1 = K1;
+    a.N = N;
+    a.D = D;
     plan_slices(a, memory.get_device());
     auto part_grad = at::empty({a.B * a.S, D}, feat.options());
     auto part_stat = at::empty({a.B * a.S, 4}, feat.options());
@@ -66,17 +69,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
       using bank_t = scalar_t;
       if (loss_type == 0) {
         launch_rows<kZSum, bank_t, acc_t>(a, mem, stream);  // exits at once on the device when Z is given
-        log_z_kernel<acc_t><<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, a.z_in, a.z_ema,
-                                                   static_cast<acc_t>(std::log(static_cast<double>(N) / static_cast<double>(B * K1))),
-                                                   zbuf.data_ptr<acc_t>(), z_out.data_ptr<float>());
+        log_z_kernel<acc_t>
+            <<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, a.z_in, a.z_ema,
+                                    static_cast<acc_t>(std::log(static_cast<double>(N) / static_cast<double>(B * K1))),
+                                    zbuf.data_ptr<acc_t>(), z_out.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_rows<kNce, bank_t, acc_t>(a, mem, stream);
-        finalize_rows_kernel<kNce, bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
-            a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(), row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
+        finalize_rows_kernel<kNce, bank_t, acc_t>
+            <<<static_cast<unsigned>(B), 128, 0, stream>>>(a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(),
+                                                           row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
       } else {
         launch_rows<kInfoNce, bank_t, acc_t>(a, mem, stream);
-        finalize_rows_kernel<kInfoNce, bank_t, acc_t><<<static_cast<unsigned>(B), 128, 0, stream>>>(
-            a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(), row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
+        finalize_rows_kernel<kInfoNce, bank_t, acc_t>
+            <<<static_cast<unsigned>(B), 128, 0, stream>>>(a, mem.data_ptr<bank_t>(), grad.data_ptr<acc_t>(),
+                                                           row_loss.data_ptr<acc_t>(), static_cast<acc_t>(proximal));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

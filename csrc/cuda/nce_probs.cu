@@ -28,7 +28,10 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cuda(const at::Tensor& features, co
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_probs_cuda", [&] {
     using acc_t = scalar_t;
     RowArgs<acc_t> a;
-    a.B = B; a.K1 = K1; a.N = N; a.D = D;
+    a.B = B;
+    a.K1 = K1;
+    a.N = N;
+    a.D = D;
     plan_slices(a, memory.get_device());
     auto part_stat = at::empty({a.B * a.S, 4}, feat.options());
     a.feat = feat.data_ptr<acc_t>();
@@ -36,9 +39,8 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cuda(const at::Tensor& features, co
     a.probs_out = probs.data_ptr<acc_t>();
     a.part_stat = part_stat.data_ptr<acc_t>();
     a.inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    INSTDISC_DISPATCH_BANK(mem.scalar_type(), "nce_probs_cuda_bank", [&] {
-      launch_rows<kProbs, scalar_t, acc_t>(a, mem, stream);
-    });
+    INSTDISC_DISPATCH_BANK(mem.scalar_type(), "nce_probs_cuda_bank",
+                           [&] { launch_rows<kProbs, scalar_t, acc_t>(a, mem, stream); });
     z_kernel<acc_t><<<1, 256, 0, stream>>>(a.part_stat, a.B * a.S, z_in.data_ptr<float>(), acc_t(0),
                                            static_cast<acc_t>(N) / static_cast<acc_t>(B * K1), zbuf.data_ptr<acc_t>(),
                                            z_out.data_ptr<float>());
@@ -68,7 +70,10 @@ at::Tensor nce_probs_backward_cuda(const at::Tensor& grad_probs, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_probs_backward_cuda", [&] {
     using acc_t = scalar_t;
     RowArgs<acc_t> a;
-    a.B = B; a.K1 = K1; a.N = N; a.D = D;
+    a.B = B;
+    a.K1 = K1;
+    a.N = N;
+    a.D = D;
     plan_slices(a, memory.get_device());
     auto part_grad = at::empty({a.B * a.S, D}, coef.options());
     auto part_stat = at::empty({a.B * a.S, 4}, coef.options());

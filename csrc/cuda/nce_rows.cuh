@@ -31,10 +31,10 @@ namespace instdisc {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;          // warps per block of the row kernel
-constexpr int kScalarMaxCh = 16;   // scalar path keeps D <= 32 * 16 values per lane
+constexpr int kWarps = 8;         // warps per block of the row kernel
+constexpr int kScalarMaxCh = 16;  // scalar path keeps D <= 32 * 16 values per lane
 constexpr int64_t kMaxD = 32 * kScalarMaxCh;
-constexpr double kEps = 1e-7;      // lemniscate's NCECriterion eps
+constexpr double kEps = 1e-7;  // lemniscate's NCECriterion eps
 
 // What a launch of the row kernel computes: a template parameter, so each kernel instance holds
 // only its own branch (chosen once, at launch).
@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
       const int64_t k = kt + lane;
       my_row = column_index(a, b, k, seed);
       CUDA_KERNEL_ASSERT(my_row >= 0 && my_row < a.N);
-      if constexpr (MODE == kNce) my_aux = a.noise != nullptr ? a.knoise * static_cast<acc_t>(a.noise[my_row]) : a.knoise / a.N;
+      if constexpr (MODE == kNce)
+        my_aux = a.noise != nullptr ? a.knoise * static_cast<acc_t>(a.noise[my_row]) : a.knoise / a.N;
       if constexpr (MODE == kProbsBwd) my_aux = a.coef_in[b * a.K1 + k];
     }
     for (int j = 0; j < cnt; j += U) {
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
         aux[u] = __shfl_sync(kFullMask, my_aux, (j + u) & 31);
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {  // issue all U row loads before using any
+      for (int u = 0; u < U; ++u) {          // issue all U row loads before using any
         const bank_t* src = mem + r[u] * D;  // int64 offsets
 #pragma unroll
         for (int c = 0; c < MAXCH; ++c) {
@@ -170,9 +171,9 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
         } else if constexpr (MODE == kNce) {
           const acc_t lp = sc[u] * a.inv_t - log_z;  // log P
           const acc_t P = exp(lp < kLim ? lp : kLim);
-          const acc_t cn = aux[u];                 // K * Pn
+          const acc_t cn = aux[u];  // K * Pn
           const acc_t c = cn + acc_t(kEps);
-          if (k == 0) {                            // -log(P / (P + c))
+          if (k == 0) {  // -log(P / (P + c))
             if (lp > kLim) {
               coef = 0;
             } else if (lp < -kLim) {
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(kWarps * 32) nce_rows_kernel(const RowArgs<acc
               st0 += log1p(c / P);
               coef = -c / (P + c) * a.scale;
             }
-          } else if (lp > kLim) {                  // -log(K Pn / (P + c))
+          } else if (lp > kLim) {  // -log(K Pn / (P + c))
             st0 += lp - log(cn);
             coef = a.scale;
           } else {
@@ -409,9 +410,9 @@ void launch_rows(const RowArgs<acc_t>& a, const at::Tensor& memory, cudaStream_t
 // The row kernel keeps D <= kMaxD values per row in registers.
 void check_cuda_dim(const at::Tensor& memory) {
   INSTDISC_CHECK_VALUE(memory.size(1) <= kMaxD, "feature dim D = ", memory.size(1),
-                       " is not supported by the CUDA kernel (1 <= D <= ", kMaxD, "); use backend='triton' or 'reference'");
+                       " is not supported by the CUDA kernel (1 <= D <= ", kMaxD,
+                       "); use backend='triton' or 'reference'");
 }
-
 
 }  // namespace
 }  // namespace cuda

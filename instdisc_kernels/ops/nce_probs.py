@@ -84,9 +84,9 @@ _TRITON = (_triton, _triton_backward) if _backend.op_handle("nce_probs_triton") 
 TABLE = _backend.OpTable(
     "NCEAverage",
     eager=_backend.Impl((probs_eager, probs_backward_eager), "ops/nce_probs.py probs_eager, probs_backward_eager"),
-    cpu=_backend.Impl((_cpp, _cpp_backward), "csrc/cpu/nce.cpp nce_probs_cpu, nce_probs_backward_cpu",
+    cpu=_backend.Impl((_cpp, _cpp_backward), "csrc/cpu/nce_probs.cpp nce_probs_cpu, nce_probs_backward_cpu",
                       dispatch="nce_probs"),
-    cuda=_backend.Impl((_cpp, _cpp_backward), "csrc/cuda/nce.cu nce_probs_cuda, nce_probs_backward_cuda",
+    cuda=_backend.Impl((_cpp, _cpp_backward), "csrc/cuda/nce_probs.cu nce_probs_cuda, nce_probs_backward_cuda",
                        dispatch="nce_probs"),
     triton=_backend.Impl(_TRITON, "ops/nce_probs_triton.py nce_probs_triton, nce_probs_backward_triton", triton=True),
 )
@@ -94,7 +94,7 @@ TABLE = _backend.OpTable(
 LOSS_TABLE = _backend.OpTable(
     "NCEAverage + NCECriterion",
     eager=_backend.Impl(probs_loss_eager, "ops/nce_probs.py probs_loss_eager"),
-    cpu=_backend.Impl(_cpp_loss, "csrc/cpu/nce.cpp nce_probs_loss_cpu", dispatch="nce_probs_loss"),
+    cpu=_backend.Impl(_cpp_loss, "csrc/cpu/nce_probs.cpp nce_probs_loss_cpu", dispatch="nce_probs_loss"),
 )
 
 
