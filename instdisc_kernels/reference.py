@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from .memory_bank import uniform_init
 
 EPS = 1e-7  # lemniscate's NCECriterion eps
 
@@ -26,7 +25,11 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 # lemniscate's init, uniform(-s, s) with s = 1/sqrt(D/3): the bank's own (memory_bank.py), used
 # here to make test banks; it is data, not a formula the kernels are checked against
-init_memory = uniform_init
+def init_memory(*args, **kwargs):
+    """The bank's initial rows: memory_bank.uniform_init (lemniscate's U(-s, s)), the one definition.
+    Imported when called, so this module also loads on its own (as a file, without the package)."""
+    from .memory_bank import uniform_init
+    return uniform_init(*args, **kwargs)
 
 
 def index_matrix(indices: torch.Tensor, neg_indices: torch.Tensor) -> torch.Tensor:

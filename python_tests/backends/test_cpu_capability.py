@@ -115,7 +115,7 @@ def _child(checks=True):
     for bank_dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-5), (torch.float16, 2e-5),
                             (torch.float64, 1e-12)):
         for B, K, D, N in ((1, 1, 100, 13), (5, 33, 100, 37)):
-            mem = ref.init_memory(N, D, generator=g).to(bank_dtype)
+            mem = ((torch.rand(N, D, generator=g) * 2 - 1) / (D / 3) ** 0.5).to(bank_dtype)   # lemniscate's init
             feat_dtype = torch.float64 if bank_dtype == torch.float64 else torch.float32
             F = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
             F = F.to(feat_dtype)

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 import instdisc_kernels as ik
-from instdisc_kernels import _backend
 from instdisc_kernels import reference as ref
+from instdisc_kernels.ops import nce
 
-BACKENDS = [b for b in ("cpu", "triton")
-            if _backend.available(b, torch.device("cpu"), "nce_forward",
-                                  b != "triton" or _backend.triton_importable())]
+BACKENDS = [b for b in ("cpu", "triton") if nce.TABLE.available(b, torch.device("cpu"))]
 
 
 def _confident_problem(B=3, K=7, D=100, N=40, T=0.05, seed=0):
