@@ -12,7 +12,6 @@ import math
 
 import torch
 
-
 EPS = 1e-7  # lemniscate's NCECriterion eps
 
 
