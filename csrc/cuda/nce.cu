@@ -43,12 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nce_forward_cuda(
 
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_forward_cuda", [&] {
     using acc_t = scalar_t;
-    RowArgs<acc_t> a;
-    a.B = B;
-    a.K1 = K1;
-    a.N = N;
-    a.D = D;
-    plan_slices(a, memory.get_device());
+    RowArgs<acc_t> a = planned_rows<acc_t>(B, K1, N, D, memory.get_device());
     auto part_grad = at::empty({a.B * a.S, D}, feat.options());
     auto part_stat = at::empty({a.B * a.S, 4}, feat.options());
     a.feat = feat.data_ptr<acc_t>();

@@ -27,12 +27,7 @@ std::tuple<at::Tensor, at::Tensor> nce_probs_cuda(const at::Tensor& features, co
   auto z_out = at::empty({1}, z_in.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_probs_cuda", [&] {
     using acc_t = scalar_t;
-    RowArgs<acc_t> a;
-    a.B = B;
-    a.K1 = K1;
-    a.N = N;
-    a.D = D;
-    plan_slices(a, memory.get_device());
+    RowArgs<acc_t> a = planned_rows<acc_t>(B, K1, N, D, memory.get_device());
     auto part_stat = at::empty({a.B * a.S, 4}, feat.options());
     a.feat = feat.data_ptr<acc_t>();
     a.idx = ix.data_ptr<int64_t>();
@@ -69,12 +64,7 @@ at::Tensor nce_probs_backward_cuda(const at::Tensor& grad_probs, const at::Tenso
   if (B == 0) return grad.to(probs.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(acc, "nce_probs_backward_cuda", [&] {
     using acc_t = scalar_t;
-    RowArgs<acc_t> a;
-    a.B = B;
-    a.K1 = K1;
-    a.N = N;
-    a.D = D;
-    plan_slices(a, memory.get_device());
+    RowArgs<acc_t> a = planned_rows<acc_t>(B, K1, N, D, memory.get_device());
     auto part_grad = at::empty({a.B * a.S, D}, coef.options());
     auto part_stat = at::empty({a.B * a.S, 4}, coef.options());
     a.idx = ix.data_ptr<int64_t>();

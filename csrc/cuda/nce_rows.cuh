@@ -387,6 +387,18 @@ void plan_slices(RowArgs<acc_t>& a, int device) {
   a.S = (a.K1 + a.kper - 1) / a.kper;
 }
 
+// A RowArgs for a (B, K1) column block over an (N, D) bank, its slices planned for `device`.
+template <typename acc_t>
+RowArgs<acc_t> planned_rows(int64_t B, int64_t K1, int64_t N, int64_t D, int device) {
+  RowArgs<acc_t> a;
+  a.B = B;
+  a.K1 = K1;
+  a.N = N;
+  a.D = D;
+  plan_slices(a, device);
+  return a;
+}
+
 template <int MODE, typename bank_t, typename acc_t>
 void launch_rows(const RowArgs<acc_t>& a, const at::Tensor& memory, cudaStream_t stream) {
   // 4 values per lane: one 16-byte load for fp32 (D = 128: a row is one float4
