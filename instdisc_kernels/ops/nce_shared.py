@@ -217,8 +217,9 @@ class _Tiles:
         """sum softplus(S) (float64 0-dim); S is kept. On CPU ATen's softplus and log1p are
         scalar loops (~20 ns an entry): exp in the tile's dtype, 1 + e in float64, then one
         log per row of the float64 product of its (1 + e) (a product of n terms is off by
-        <= ~n 2^-53 relative, so the row's sum by <= ~n 1.1e-16 absolute), unless some
-        exp or product overflowed (then ATen's softplus)."""
+        <= ~n 2^-53 relative, so the row's sum by <= ~n 1.1e-16 absolute). If a row's
+        product overflows (large scores), one log per entry; if an exp overflowed, ATen's
+        softplus."""
         Tt = self.t_buf[:S.numel()].view(S.shape)
         if S.device.type == "cpu":
             torch.exp(S, out=Tt)
@@ -226,6 +227,9 @@ class _Tiles:
                 self.u_buf = torch.empty(self.s_buf.numel(), dtype=torch.float64, device=S.device)
             U = self.u_buf[:S.numel()].view(S.shape).copy_(Tt)
             total = torch.prod(U.add_(1), 1).log_().sum()
+            if bool(torch.isfinite(total)):
+                return total
+            total = U.log_().sum()
             if bool(torch.isfinite(total)):
                 return total
         torch.ops.aten.softplus.out(S, 1, 20, out=Tt)

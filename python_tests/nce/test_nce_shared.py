@@ -170,6 +170,15 @@ def test_large_logits_are_stable():
             assert abs(loss.item() - L.item()) <= 1e-4 * max(1.0, abs(L.item()))
 
 
+@pytest.mark.parametrize("fill", [-12.0, 5.0, 100.0])   # product in range / a row's product overflows / exp overflows
+def test_tile_softplus_sum_every_path(fill):
+    S = torch.full((3, 300), fill) + torch.linspace(-1, 1, 900).view(3, 300)
+    tiles = NS._Tiles(torch.zeros(3, 4), torch.zeros(300, 4), 300, torch.float32)
+    got = tiles.softplus_sum(S.clone())
+    want = torch.nn.functional.softplus(S.double()).sum()
+    assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-6 * max(1.0, want.item())
+
+
 def test_unrepresentable_z_raises_before_any_write():
     mem, f, y, neg = _problem(4, 30, 16)
     mem0, z = mem.clone(), torch.tensor([-1.0])
