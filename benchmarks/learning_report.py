@@ -74,14 +74,10 @@ def summary_path(summaries, dataset, row, seed):
 def write_summary(out, path):
     """The committed record of one finished run (what the tables and plot need)."""
     run = load_run(out)
-    cmd = None
-    if os.path.exists(os.path.join(out, "wall.json")):
-        with open(os.path.join(out, "wall.json")) as f:
-            cmd = json.load(f).get("cmd")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({**run, "cmd": cmd, "commit": commit.stdout.strip() or None}, f, indent=1, allow_nan=True)
+        json.dump({**run, "commit": commit.stdout.strip() or None}, f, indent=1, allow_nan=True)
         f.write("\n")
 
 
@@ -98,11 +94,12 @@ def load_run(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f if line.strip()]
     ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    wall = float("nan")                     # (missing if the run was stopped after final.json)
+    wall = {"seconds": float("nan"), "cmd": None}   # (missing if the run was stopped after final.json)
     if os.path.exists(os.path.join(out, "wall.json")):
         with open(os.path.join(out, "wall.json")) as f:
-            wall = json.load(f)["seconds"]
-    return {"final": final, "history": history, "baselines": ck.get("baselines", {}), "seconds": wall}
+            wall.update(json.load(f))
+    return {"final": final, "history": history, "baselines": ck.get("baselines", {}), "seconds": wall["seconds"],
+            "cmd": wall["cmd"]}
 
 
 def _ms(values):
@@ -199,10 +196,9 @@ def main(argv=None):
         for ds in args.datasets:              # seed-major: an interrupted study still has whole rows
             for seed in args.seeds:
                 for row in rows:
-                    if os.path.exists(summary_path(args.summaries, ds, row, seed)):
-                        continue      # done in an earlier session (its run folder may be gone)
-                    out = run_one(args.python, ds, row, flags[row], seed, args.runs, sys.stderr)
-                    write_summary(out, summary_path(args.summaries, ds, row, seed))
+                    path = summary_path(args.summaries, ds, row, seed)
+                    if not os.path.exists(path):      # else done in an earlier session (its run folder may be gone)
+                        write_summary(run_one(args.python, ds, row, flags[row], seed, args.runs, sys.stderr), path)
     all_results = {}
     for ds in args.datasets:
         all_results[ds] = {}
