@@ -99,6 +99,12 @@ def nce_loss_value(features, memory, idx, temperature, z, noise_probs=None):
 
 def nce_grad(features, memory, idx, temperature, z, noise_probs=None):
     """dloss/dF[b] = sum_k dloss/dP[b,k] * P[b,k] / T * V[idx[b,k]] (hand-derived)."""
+    coef = nce_grad_coefficients(features, memory, idx, temperature, z, noise_probs)
+    return torch.einsum("bk,bkd->bd", coef, _f64(memory)[idx])
+
+
+def nce_grad_coefficients(features, memory, idx, temperature, z, noise_probs=None):
+    """(B, K+1) coef with dloss/dF[b] = sum_k coef[b,k] V[idx[b,k]]: dloss/dP * P / (T B)."""
     N = memory.shape[0]
     B, K1 = idx.shape
     K = K1 - 1
@@ -108,8 +114,7 @@ def nce_grad(features, memory, idx, temperature, z, noise_probs=None):
     dP = torch.empty_like(P)
     dP[:, 0] = -c[:, 0] / (P[:, 0] * (P[:, 0] + c[:, 0]))
     dP[:, 1:] = 1.0 / (P[:, 1:] + c[:, 1:])
-    coef = dP * P / temperature / B
-    return torch.einsum("bk,bkd->bd", coef, _f64(memory)[idx])
+    return dP * P / temperature / B
 
 
 def infonce_loss_value(features, memory, idx, temperature):
@@ -120,11 +125,17 @@ def infonce_loss_value(features, memory, idx, temperature):
 
 def infonce_grad(features, memory, idx, temperature):
     """(1/(B T)) sum_k (softmax_k(s[b]/T) - [k=0]) V[idx[b,k]]."""
+    return torch.einsum("bk,bkd->bd", infonce_grad_coefficients(features, memory, idx, temperature),
+                        _f64(memory)[idx])
+
+
+def infonce_grad_coefficients(features, memory, idx, temperature):
+    """(B, K+1) coef with dloss/dF[b] = sum_k coef[b,k] V[idx[b,k]]: (softmax - [k=0]) / (B T)."""
     B = idx.shape[0]
     logits = nce_scores(features, memory, idx) / temperature
     w = torch.softmax(logits, dim=1)
     w[:, 0] -= 1.0
-    return torch.einsum("bk,bkd->bd", w, _f64(memory)[idx]) / (B * temperature)
+    return w / (B * temperature)
 
 
 def proximal_value(features, memory, indices, lam):
@@ -157,6 +168,24 @@ def nce_forward(features, memory, indices, neg_indices, *, temperature, z=0.0, l
         loss = loss + proximal_value(features, memory, indices, proximal)
         grad = grad + proximal_grad(features, memory, indices, proximal)
     return loss, grad, Z
+
+
+def nce_grad_scale(features, memory, indices, neg_indices, *, temperature, z=0.0, loss_type="nce", proximal=0.0,
+                   z_ema=0.0, noise_probs=None):
+    """The magnitude of the terms nce_forward's gradient sums, per element: sum_k |coef[b,k]| |V[idx[b,k]]|
+    (+ the proximal term's |2 lambda (F - V_y) / B|). A tolerance relative to it, not to the
+    result, holds where the terms cancel (a negative equal to the positive, K = 1)."""
+    idx = index_matrix(indices, neg_indices)
+    if loss_type in ("infonce", 1):
+        coef = infonce_grad_coefficients(features, memory, idx, temperature)
+    else:
+        _, _, Z = nce_forward(features, memory, indices, neg_indices, temperature=temperature, z=z,
+                              z_ema=z_ema, noise_probs=noise_probs)
+        coef = nce_grad_coefficients(features, memory, idx, temperature, Z, noise_probs)
+    scale = torch.einsum("bk,bkd->bd", coef.abs(), _f64(memory)[idx].abs())
+    if proximal > 0:
+        scale = scale + proximal_grad(features, memory, indices, proximal).abs()
+    return scale
 
 
 # --------------------------------------------------------------------------- #

@@ -13,7 +13,6 @@
 namespace {
 
 using rows::as_acc;
-using rows::axpy;
 using rows::dot;
 using rows::for_each_row;
 
@@ -178,7 +177,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
   for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
     const acc_t* f = feat + b * D;
     acc_t* g = grad + b * D;
-    std::fill(g, g + D, acc_t(0));
+    double* w = rows::wide_row(D);
     RowLoss row;
     for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
       const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
@@ -193,10 +192,10 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       }
       if (probs != nullptr) probs[b * K1 + k] = P;
       if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
-      axpy(g, coef, v, D);
+      rows::axpy_wide(w, coef, v, D);
     });
-    const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
-    for (int64_t d = 0; d < D; ++d) g[d] *= scale;
+    const double scale = 1.0 / (a.T * a.B);
+    for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d] * scale);
     row_loss[b] = -row.sum() / a.B;
   });
 }
@@ -244,14 +243,14 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
     for (int64_t e = 0; e < E; ++e) order[next[idx[e]]++] = e;
   }
   const int64_t C = std::min(kRowChunks, N);
-  std::vector<acc_t> g_part(static_cast<size_t>(C * B * D), acc_t(0));
+  std::vector<double> g_part(static_cast<size_t>(C * B * D), 0.0);
   std::vector<RowLoss> l_part(static_cast<size_t>(C * B));
   const UniformNce<acc_t> u(a, log_z);
   const acc_t inv_b = static_cast<acc_t>(1.0 / a.B);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(D);
     for (int64_t c = c0; c < c1; ++c) {
-      acc_t* gc = g_part.data() + c * B * D;
+      double* gc = g_part.data() + c * B * D;
       RowLoss* lc = l_part.data() + c * B;
       const int64_t n1 = N * (c + 1) / C;
       for (int64_t n = N * c / C; n < n1; ++n) {
@@ -265,23 +264,23 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
           const acc_t coef = u.entry(positive, dot(v, feat + b * D, D), lc[b], P);
           probs[e] = P;
           grad_probs[e] = criterion_dp(positive, P, u.c) * inv_b;
-          axpy(gc + b * D, coef, v, D);
+          rows::axpy_wide(gc + b * D, coef, v, D);
         }
       }
     }
   });
-  const acc_t scale = static_cast<acc_t>(1.0 / (a.T * a.B));
+  const double scale = 1.0 / (a.T * a.B);
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* g = grad + b * D;
       double total = 0;
-      std::fill(g, g + D, acc_t(0));
+      double* w = rows::wide_row(D);
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t* gc = g_part.data() + (c * B + b) * D;
-        for (int64_t d = 0; d < D; ++d) g[d] += gc[d];
+        const double* gc = g_part.data() + (c * B + b) * D;
+        for (int64_t d = 0; d < D; ++d) w[d] += gc[d];
         total += l_part[c * B + b].sum();
       }
-      for (int64_t d = 0; d < D; ++d) g[d] *= scale;
+      for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d] * scale);
       row_loss[b] = -total / a.B;
     }
   });
@@ -301,7 +300,7 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
   for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
     const acc_t* f = feat + b * D;
     acc_t* g = grad + b * D;
-    std::fill(g, g + D, acc_t(0));
+    double* w = rows::wide_row(D);
     acc_t t0 = 0, m = -std::numeric_limits<acc_t>::infinity();
     double ln = 0;
     for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
@@ -313,21 +312,20 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
       } else if (t > m) {
         const acc_t r = std::exp(m - t);
         ln = ln * r + 1;
-        for (int64_t d = 0; d < D; ++d) g[d] = g[d] * r + v[d];
+        for (int64_t d = 0; d < D; ++d) w[d] = w[d] * r + static_cast<double>(v[d]);
         m = t;
       } else {
         const acc_t e = std::exp(t - m);
         ln += e;
-        axpy(g, e, v, D);
+        rows::axpy_wide(w, e, v, D);
       }
     });
     const double M = std::max(static_cast<double>(m), static_cast<double>(t0));
     const double sn = std::exp(static_cast<double>(m) - M), e0 = std::exp(static_cast<double>(t0) - M);
     const double Ln = ln * sn, L = e0 + Ln;
     const acc_t* v0 = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf, D);
-    const acc_t gs = static_cast<acc_t>(sn), ls = static_cast<acc_t>(Ln);
-    const acc_t scale = static_cast<acc_t>(1.0 / (L * a.T * a.B));
-    for (int64_t d = 0; d < D; ++d) g[d] = (g[d] * gs - ls * v0[d]) * scale;
+    const double scale = 1.0 / (L * a.T * a.B);
+    for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>((w[d] * sn - Ln * static_cast<double>(v0[d])) * scale);
     const double gap = M - static_cast<double>(t0);
     row_loss[b] = (gap < 30 ? std::log1p(Ln / e0) : gap + std::log(L)) / a.B;
   });
@@ -412,10 +410,11 @@ void nce_probs_backward_kernel(const bank_t* mem, int64_t rs, const int64_t* ip,
     std::vector<acc_t> buf(D);
     for (int64_t b = begin; b < end; ++b) {
       acc_t* g = grad + b * D;
-      std::fill(g, g + D, acc_t(0));
+      double* w = rows::wide_row(D);
       for_each_row(mem, rs, ip + b * K1, K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
-        axpy(g, grad_probs[b * K1 + k] * probs[b * K1 + k] * invT, v, D);
+        rows::axpy_wide(w, grad_probs[b * K1 + k] * probs[b * K1 + k] * invT, v, D);
       });
+      for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d]);
     }
   });
 }

@@ -1,8 +1,9 @@
 // Bank-row helpers of the CPU kernels (nce_kernels.h, knn_kernels.h): widening bf16/fp16/fp32 rows
-// to the accumulation type, dot/axpy with independent partial sums, and prefetched walks over a
-// list of scattered rows (a random gather is latency-bound: the next rows are requested early).
-// Compiled once per CPU capability: included (without a guard) by the kernel headers, inside the
-// namespaces of kernel_variants.h, which includes what it needs (<immintrin.h>, c10 types).
+// to the accumulation type, dot with independent partial sums, axpy into double accumulators, and
+// prefetched walks over a list of scattered rows (a random gather is latency-bound: the next rows
+// are requested early). Compiled once per CPU capability: included (without a guard) by the kernel
+// headers, inside the namespaces of kernel_variants.h, which includes what it needs
+// (<immintrin.h>, c10 types).
 namespace rows {
 
 // How many bank rows to prefetch ahead of the one being read: about 8 KiB of rows (16 fp32 rows
@@ -58,9 +59,20 @@ inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t D
   return s;
 }
 
+// A gradient row is a sum over K+1 bank rows: it is accumulated in double (the coefficient and the
+// row widened), so its rounding error does not grow with K; a sequential float32 sum lost up to
+// ~K/2 ulps. The kernels are gather-bound: the wider FMAs cost nothing measurable.
 template <typename acc_t>
-inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+inline void axpy_wide(double* __restrict y, acc_t a, const acc_t* __restrict x, int64_t D) {
+  const double ad = static_cast<double>(a);
+  for (int64_t d = 0; d < D; ++d) y[d] += ad * static_cast<double>(x[d]);
+}
+
+// This thread's zeroed double accumulator of D values (valid until its next call).
+inline double* wide_row(int64_t D) {
+  thread_local std::vector<double> w;
+  w.assign(static_cast<size_t>(D), 0.0);
+  return w.data();
 }
 
 inline void prefetch_row(const void* p, int64_t bytes) {

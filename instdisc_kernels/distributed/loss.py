@@ -316,7 +316,10 @@ class DistributedInstDiscLoss(nn.Module):
         total = (local.detach().to(torch.float64) * B).reshape(1)
         _comm.all_reduce_(total, "sum", self.group)
         scale = self.world_size * B / Bg
-        loss = local * scale + ((total[0] / Bg).to(local.dtype) - local.detach() * scale)
+        # value: the agreed global mean, bit-identical on every rank (x - x is exactly 0, whereas
+        # a + (c - a) need not round to c); gradient: this rank's share, scaled
+        part = local * scale
+        loss = (total[0] / Bg).to(local.dtype) + (part - part.detach())
         Fg = _comm.all_gather_rows(features.detach(), sizes, self.group)
         yg = _comm.all_gather_rows(indices, sizes, self.group)
         bank_update_(mem, yg, Fg, self.bank.momentum, backend=backend_after_loss(self.backend, mem.device),
