@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -54,16 +55,17 @@ def run_one(python, dataset, row, flags, seed, runs, log):
         return out
     cmd = [python, "-m", "instdisc_kernels.train", "--dataset", dataset, "--seed", str(seed), "--out", out,
            "--no-progress", "--baselines" if row == BASELINE_ROW else "--no-baselines", *flags]
-    t0 = time.perf_counter()
+    t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "stdout.log"), "w") as f:
         p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
+    wall, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)   # less sensitive to other load than wall
     print(f"{dataset:8s} {row:34s} seed {seed}: rc {p.returncode}, {wall:.0f} s", file=log, flush=True)
     if p.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)} (see {out}/stdout.log)")
     with open(os.path.join(out, "wall.json"), "w") as f:
-        json.dump({"seconds": wall, "cmd": cmd[1:]}, f)
+        json.dump({"seconds": wall, "cpu_seconds": cpu, "cmd": cmd[1:]}, f)
     return out
 
 
@@ -94,12 +96,12 @@ def load_run(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f if line.strip()]
     ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    wall = {"seconds": float("nan"), "cmd": None}   # (missing if the run was stopped after final.json)
+    wall = {"seconds": float("nan"), "cpu_seconds": float("nan"), "cmd": None}   # (missing if stopped after final.json)
     if os.path.exists(os.path.join(out, "wall.json")):
         with open(os.path.join(out, "wall.json")) as f:
             wall.update(json.load(f))
     return {"final": final, "history": history, "baselines": ck.get("baselines", {}), "seconds": wall["seconds"],
-            "cmd": wall["cmd"]}
+            "cpu_seconds": wall["cpu_seconds"], "cmd": wall["cmd"]}
 
 
 def _ms(values):
@@ -108,17 +110,24 @@ def _ms(values):
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
+def _cpu(rs):
+    """Mean CPU seconds (user + system of the run's process) over the runs that recorded it."""
+    v = [r.get("cpu_seconds", float("nan")) for r in rs]
+    v = [x for x in v if x == x]
+    return f"{np.mean(v):.0f}" if v else ""
+
+
 def table(dataset, results):
     lines = [f"### {dataset} (mean ± standard deviation over the seeds)", "",
-             "| features | seeds | kNN top-1 (recomputed) | kNN top-1 (bank) | linear probe | final Z | s / run |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| features | seeds | kNN top-1 (recomputed) | kNN top-1 (bank) | linear probe | final Z | s / run | CPU s / run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = results.get(BASELINE_ROW, [])
     for name in ("raw pixels", "random network"):
         rs = [r["baselines"][name] for r in base if name in r["baselines"]]
         if rs:
             label = "raw pixels" if name == "raw pixels" else "untrained network"
             lines.append(f"| {label} | {len(rs)} | {_ms([r['knn_top1'] for r in rs])} | | "
-                         f"{_ms([r['linear'] for r in rs])} | | |")
+                         f"{_ms([r['linear'] for r in rs])} | | | |")
     for row, _ in ROWS:
         rs = results.get(row)
         if not rs:
@@ -127,7 +136,7 @@ def table(dataset, results):
         z = f"{np.mean(zs):.3g}" if all(v is not None for v in zs) else ""
         lines.append(f"| {row} | {len(rs)} | {_ms([r['final']['knn_top1'] for r in rs])} | "
                      f"{_ms([r['final']['bank_top1'] for r in rs])} | {_ms([r['final']['linear'] for r in rs])} | "
-                     f"{z} | {np.nanmean([r['seconds'] for r in rs]):.0f} |")
+                     f"{z} | {np.nanmean([r['seconds'] for r in rs]):.0f} | {_cpu(rs)} |")
     return "\n".join(lines)
 
 
