@@ -177,7 +177,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
   for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
     const acc_t* f = feat + b * D;
     acc_t* g = grad + b * D;
-    double* w = rows::wide_row(D);
+    rows::GradRow<acc_t> gr(D);
     RowLoss row;
     for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
       const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
@@ -192,9 +192,10 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
       }
       if (probs != nullptr) probs[b * K1 + k] = P;
       if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
-      rows::axpy_wide(w, coef, v, D);
+      gr.add(coef, v);
     });
     const double scale = 1.0 / (a.T * a.B);
+    const double* w = gr.sum();
     for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d] * scale);
     row_loss[b] = -row.sum() / a.B;
   });
@@ -243,14 +244,14 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
     for (int64_t e = 0; e < E; ++e) order[next[idx[e]]++] = e;
   }
   const int64_t C = std::min(kRowChunks, N);
-  std::vector<double> g_part(static_cast<size_t>(C * B * D), 0.0);
+  std::vector<acc_t> g_part(static_cast<size_t>(C * B * D), acc_t(0));
   std::vector<RowLoss> l_part(static_cast<size_t>(C * B));
   const UniformNce<acc_t> u(a, log_z);
   const acc_t inv_b = static_cast<acc_t>(1.0 / a.B);
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> buf(D);
     for (int64_t c = c0; c < c1; ++c) {
-      double* gc = g_part.data() + c * B * D;
+      acc_t* gc = g_part.data() + c * B * D;
       RowLoss* lc = l_part.data() + c * B;
       const int64_t n1 = N * (c + 1) / C;
       for (int64_t n = N * c / C; n < n1; ++n) {
@@ -264,7 +265,8 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
           const acc_t coef = u.entry(positive, dot(v, feat + b * D, D), lc[b], P);
           probs[e] = P;
           grad_probs[e] = criterion_dp(positive, P, u.c) * inv_b;
-          rows::axpy_wide(gc + b * D, coef, v, D);
+          acc_t* __restrict y = gc + b * D;
+          for (int64_t d = 0; d < D; ++d) y[d] += coef * v[d];
         }
       }
     }
@@ -274,10 +276,10 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* g = grad + b * D;
       double total = 0;
-      double* w = rows::wide_row(D);
+      std::vector<double> w(D, 0.0);  // the chunks' partials (about K / C terms each) summed in double
       for (int64_t c = 0; c < C; ++c) {
-        const double* gc = g_part.data() + (c * B + b) * D;
-        for (int64_t d = 0; d < D; ++d) w[d] += gc[d];
+        const acc_t* gc = g_part.data() + (c * B + b) * D;
+        for (int64_t d = 0; d < D; ++d) w[d] += static_cast<double>(gc[d]);
         total += l_part[c * B + b].sum();
       }
       for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d] * scale);
@@ -300,7 +302,7 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
   for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
     const acc_t* f = feat + b * D;
     acc_t* g = grad + b * D;
-    double* w = rows::wide_row(D);
+    rows::GradRow<acc_t> gr(D);
     acc_t t0 = 0, m = -std::numeric_limits<acc_t>::infinity();
     double ln = 0;
     for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
@@ -312,12 +314,13 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
       } else if (t > m) {
         const acc_t r = std::exp(m - t);
         ln = ln * r + 1;
-        for (int64_t d = 0; d < D; ++d) w[d] = w[d] * r + static_cast<double>(v[d]);
+        gr.rescale(static_cast<double>(r));
+        gr.add(acc_t(1), v);
         m = t;
       } else {
         const acc_t e = std::exp(t - m);
         ln += e;
-        rows::axpy_wide(w, e, v, D);
+        gr.add(e, v);
       }
     });
     const double M = std::max(static_cast<double>(m), static_cast<double>(t0));
@@ -325,6 +328,7 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
     const double Ln = ln * sn, L = e0 + Ln;
     const acc_t* v0 = as_acc<acc_t>(mem + idx[0] * a.row_stride, buf, D);
     const double scale = 1.0 / (L * a.T * a.B);
+    const double* w = gr.sum();
     for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>((w[d] * sn - Ln * static_cast<double>(v0[d])) * scale);
     const double gap = M - static_cast<double>(t0);
     row_loss[b] = (gap < 30 ? std::log1p(Ln / e0) : gap + std::log(L)) / a.B;
@@ -410,10 +414,10 @@ void nce_probs_backward_kernel(const bank_t* mem, int64_t rs, const int64_t* ip,
     std::vector<acc_t> buf(D);
     for (int64_t b = begin; b < end; ++b) {
       acc_t* g = grad + b * D;
-      double* w = rows::wide_row(D);
-      for_each_row(mem, rs, ip + b * K1, K1, D, buf.data(), [&](int64_t k, const acc_t* v) {
-        rows::axpy_wide(w, grad_probs[b * K1 + k] * probs[b * K1 + k] * invT, v, D);
-      });
+      rows::GradRow<acc_t> gr(D);
+      for_each_row(mem, rs, ip + b * K1, K1, D, buf.data(),
+                   [&](int64_t k, const acc_t* v) { gr.add(grad_probs[b * K1 + k] * probs[b * K1 + k] * invT, v); });
+      const double* w = gr.sum();
       for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d]);
     }
   });
