@@ -30,6 +30,7 @@ from .nce_triton import (
     _check_device,
     _gather_dot,
     _launch_params,
+    _program_slice,
     _row_stride,
 )
 
@@ -42,12 +43,7 @@ from .nce_triton import (
 def _probs_kernel(feat_ptr, mem_ptr, idx_ptr, z_ptr, p_ptr, esum_ptr, D, stride_m, K1, CHUNK, SPLIT, inv_T,
                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """P = exp(s/T) / z when z > 0, else exp(s/T) (divided by the estimate in _scale_kernel)."""
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    k_start = j * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, K1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
+    b, j, k_start, k_end, offs_d, dmask = _program_slice(K1, CHUNK, D, BLOCK_D)
     f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr)
     inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 1.0)
@@ -76,12 +72,7 @@ def _scale_kernel(p_ptr, z_ptr, zbuf_ptr, numel, BLOCK: tl.constexpr):
 def _probs_bwd_kernel(gp_ptr, p_ptr, mem_ptr, idx_ptr, part_g_ptr, D, stride_m, K1, CHUNK, SPLIT, inv_T,
                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial dF[b] = sum_k gP[b,k] P[b,k] / T V[idx[b,k]] over this program's columns."""
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    k_start = j * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, K1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
+    b, j, k_start, k_end, offs_d, dmask = _program_slice(K1, CHUNK, D, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

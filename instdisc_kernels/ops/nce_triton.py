@@ -105,6 +105,17 @@ def _column_indices(y, neg_ptr, seed, b, offs_k, kmask, N, K, HAS_NEG: tl.conste
 
 
 @triton.jit
+def _program_slice(K1, CHUNK, D, BLOCK_D: tl.constexpr):
+    """This program's batch row b, its column chunk j (columns k_start..k_end of K1) and the D lanes."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    k_start = j * CHUNK
+    k_end = tl.minimum(k_start + CHUNK, K1)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, j, k_start, k_end, offs_d, offs_d < D
+
+
+@triton.jit
 def _gather_dot(mem_ptr, stride_m, idx, kmask, f, offs_d, dmask):
     """Bank rows idx (BLOCK_K x BLOCK_D, fp32, masked rows are 0) and their dots with f."""
     ptrs = mem_ptr + idx.to(tl.int64)[:, None] * stride_m + offs_d[None, :]   # int64: N*D may exceed 2^31
@@ -122,15 +133,10 @@ def _esum_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, seed_ptr, z_ptr, esum_ptr, e
                  N, D, stride_m, K, K1, CHUNK, SPLIT, inv_T,
                  ALWAYS: tl.constexpr, HAS_NEG: tl.constexpr, EXCLUDE: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    k_start = j * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, K1)
+    b, j, k_start, k_end, offs_d, dmask = _program_slice(K1, CHUNK, D, BLOCK_D)
     if not ALWAYS:
         # fixed Z (z > 0, no EMA): nothing to estimate, read no row
         k_end = tl.where(tl.load(z_ptr) <= 0, k_end, k_start)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + b)
     seed = tl.load(seed_ptr)
@@ -185,12 +191,7 @@ def _nce_kernel(feat_ptr, mem_ptr, y_ptr, neg_ptr, noise_ptr, seed_ptr, zbuf_ptr
                 N, D, stride_m, K, K1, CHUNK, SPLIT, inv_T, k_float, c_uniform,
                 LOSS: tl.constexpr, HAS_NEG: tl.constexpr, HAS_NOISE: tl.constexpr, EXCLUDE: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
-    k_start = j * CHUNK
-    k_end = tl.minimum(k_start + CHUNK, K1)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
+    b, j, k_start, k_end, offs_d, dmask = _program_slice(K1, CHUNK, D, BLOCK_D)
     f = tl.load(feat_ptr + b.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + b)
     seed = tl.load(seed_ptr)
