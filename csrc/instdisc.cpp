@@ -55,6 +55,16 @@ TORCH_LIBRARY(instdisc, m) {
       "nce_probs_loss(Tensor features, Tensor memory, Tensor idx, Tensor z, float temperature) "
       "-> (Tensor probs, Tensor loss, Tensor grad_features, Tensor grad_probs, Tensor z_out)");
 
+  // Epilogues of the shared-negative score tiles (ops/nce_shared.py, backend "cpu"; CPU only), one
+  // pass over a (B, n) float32/float64 tile of logits x that a GEMM has just written:
+  //   nce_shared_tile_nce_: x <- sigmoid(x); returns sum softplus(x) (float64, 0-dim).
+  //   nce_shared_tile_lse: log sum exp over every entry (float64, 0-dim).
+  //   nce_shared_tile_softmax_: per row M' = max(row_max, max x), x <- exp(x - M'),
+  //     row_sum <- row_sum exp(row_max - M') + sum x, row_max <- M'; returns exp(row_max - M') (B,).
+  m.def("nce_shared_tile_nce_(Tensor(a!) scores) -> Tensor");
+  m.def("nce_shared_tile_lse(Tensor scores) -> Tensor");
+  m.def("nce_shared_tile_softmax_(Tensor(a!) scores, Tensor(b!) row_max, Tensor(c!) row_sum) -> Tensor");
+
   // Weighted-kNN top-k (docs/method.md): the k most similar bank rows per query,
   // sorted by (similarity desc, index asc); similarities (Q, k) computed in
   // float64, returned in float64 if an input is float64, else float32.

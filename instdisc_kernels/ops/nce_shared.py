@@ -47,8 +47,13 @@ Implementations (TABLE below; docs/backends.md):
       K-chunks of ``chunk_size`` columns (default ops/softmax.default_chunk_size),
       the epilogue per B x chunk tile in preallocated buffers; peak extra
       memory O(K D + B chunk), never B x K; any device (cuBLAS on CUDA tensors).
+  "cpu"    -> instdisc::nce_shared_forward_cpu: the same tiles and ATen GEMMs, each tile's
+      epilogue one C++ pass while the tile is in cache (csrc/cpu/nce_shared.cpp:
+      nce_shared_tile_nce_ for NCE's softplus sum and sigmoid weights, nce_shared_tile_lse
+      for the Z estimate, nce_shared_tile_softmax_ for InfoNCE's online softmax) instead of
+      five to seven ATen elementwise passes; CPU only.
   "triton" -> instdisc::nce_shared_forward_triton (ops/nce_shared_triton.py).
-  No C++ kernel ("cpu", "cuda"). ``forward_full`` below computes the full
+  No CUDA C++ kernel ("cuda"). ``forward_full`` below computes the full
   B x K block with an explicit mask (tests cross-check against it; not a backend).
 
 precision "bf16" (the chunked eager path and Triton): features/T, the gathered rows
@@ -179,9 +184,10 @@ def _finish(loss, grad, prox_loss, prox_grad, z_out):
 class _Tiles:
     """B x chunk score tiles over the K gathered rows, in buffers allocated once per call."""
 
-    def __init__(self, Fs, G, chunk, acc):
+    def __init__(self, Fs, G, chunk, acc, fused=False):
+        """fused: the epilogues are the C++ one-pass tile ops (csrc/cpu/nce_shared.cpp; CPU)."""
         B, D = Fs.shape
-        self.Fs, self.G, self.chunk, self.B = Fs, G, chunk, B
+        self.Fs, self.G, self.chunk, self.B, self.fused = Fs, G, chunk, B, fused
         dev = Fs.device
         self.s_buf = torch.empty(B * chunk, dtype=acc, device=dev)
         self.t_buf = torch.empty(B * chunk, dtype=acc, device=dev)
@@ -235,6 +241,36 @@ class _Tiles:
         torch.ops.aten.softplus.out(S, 1, 20, out=Tt)
         return Tt.sum().double()
 
+    def nce_epilogue(self, S):
+        """sum softplus(S) (float64 0-dim), S replaced by sigmoid(S) (NCE's gradient weights)."""
+        if self.fused:
+            return torch.ops.instdisc.nce_shared_tile_nce_(S)
+        total = self.softplus_sum(S)
+        S.sigmoid_()
+        return total
+
+    def tile_lse(self, S):
+        """log sum exp over the tile (float64 0-dim); S may be overwritten."""
+        if self.fused:
+            return torch.ops.instdisc.nce_shared_tile_lse(S)
+        cm = S.max().double()
+        return cm + torch.log(S.sub_(cm.to(S.dtype)).exp_().sum().double())
+
+    def softmax_step(self, S, m, l, work):
+        """InfoNCE's online softmax over one tile: per row M' = max(m, max S), S <- exp(S - M'),
+        l <- l exp(m - M') + sum S, m <- M'; returns exp(m_old - M') (B,). work: two (B,) buffers."""
+        if self.fused:
+            return torch.ops.instdisc.nce_shared_tile_softmax_(S, m, l)
+        rowmax, rowsum = work
+        torch.amax(S, 1, out=rowmax)
+        torch.maximum(m, rowmax, out=rowmax)
+        scale = torch.sub(m, rowmax).exp_()
+        S.sub_(rowmax[:, None]).exp_()
+        torch.sum(S, 1, out=rowsum)
+        l.mul_(scale).add_(rowsum)
+        m.copy_(rowmax)
+        return scale
+
     def accumulate(self, A, W, Gc):
         """A += W @ G_c (W rounded to the product dtype)."""
         if self.low:
@@ -251,16 +287,17 @@ def _log_sum_exp_all(tiles, extra):
     total = torch.exp(extra.double() - M).sum()
     for start, n in tiles:
         S, _ = tiles.scores(start, n)
-        cm = S.max().double()
-        M_new = torch.maximum(M, cm)
-        total = total * torch.exp(M - M_new) + S.sub_(cm.to(S.dtype)).exp_().sum().double() * torch.exp(cm - M_new)
+        lse = tiles.tile_lse(S)
+        M_new = torch.maximum(M, lse)
+        total = total * torch.exp(M - M_new) + torch.exp(lse - M_new)
         M = M_new
     return M + torch.log(total)
 
 
 def forward_chunked(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
-                    exclude_positive, noise_probs, precision="fp32", chunk_size=0):
-    """(loss, grad, z_out) by the op contract, with tiled ATen GEMMs."""
+                    exclude_positive, noise_probs, precision="fp32", chunk_size=0, fused=False):
+    """(loss, grad, z_out) by the op contract, with tiled ATen GEMMs; fused: each tile's
+    epilogue is one C++ pass (backend "cpu") instead of ATen's elementwise ops."""
     acc = opmath(features.dtype)
     cd = torch.bfloat16 if precision == "bf16" else acc
     B, D = features.shape
@@ -273,25 +310,18 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
     t0, prox_loss, prox_grad = positive_terms(F, Vy, T, proximal)
     cnt = masked_counts(indices, neg_indices, acc) if exclude_positive else None
     chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, K), K)
-    tiles = _Tiles(Fs, G, chunk, acc)
+    tiles = _Tiles(Fs, G, chunk, acc, fused)
     A = torch.zeros(B, D, dtype=acc, device=F.device)
     z_out = z.to(torch.float32).clone()
     if loss_type == 1:
         m = torch.full((B,), float("-inf"), dtype=acc, device=F.device)
         l = torch.zeros(B, dtype=acc, device=F.device)
-        rowmax = torch.empty(B, dtype=acc, device=F.device)
-        rowsum = torch.empty(B, dtype=acc, device=F.device)
+        work = (torch.empty(B, dtype=acc, device=F.device), torch.empty(B, dtype=acc, device=F.device))
         for start, n in tiles:
             S, Gc = tiles.scores(start, n)
-            torch.amax(S, 1, out=rowmax)
-            torch.maximum(m, rowmax, out=rowmax)
-            scale = m.sub_(rowmax).exp_()
-            S.sub_(rowmax[:, None]).exp_()
-            torch.sum(S, 1, out=rowsum)
-            l.mul_(scale).add_(rowsum)
+            scale = tiles.softmax_step(S, m, l, work)
             A.mul_(scale[:, None])
             tiles.accumulate(A, S, Gc)
-            m, rowmax = rowmax, m
         loss, grad = infonce_finish(m, l, A, t0, cnt, Vy, T)
         return _finish(loss, grad, prox_loss, prox_grad, z_out)
     if float(z[0]) <= 0 or z_ema > 0:
@@ -309,8 +339,8 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
     lsum = torch.zeros((), dtype=torch.float64, device=F.device)
     for start, n in tiles:
         S, Gc = tiles.scores(start, n, bias)
-        lsum += tiles.softplus_sum(S)
-        tiles.accumulate(A, S.sigmoid_(), Gc)
+        lsum += tiles.nce_epilogue(S)
+        tiles.accumulate(A, S, Gc)
     K_consts = B * torch.log(c.double() / (c.double() - EPS)).sum()
     c0 = noise_c(indices, N, K, noise_probs, acc)
     pos, coef0 = nce_positive_and_masks(t0, log_z, c0, cnt, K_consts)
@@ -390,7 +420,27 @@ def _fake(features, memory, indices, neg_indices, z, temperature, proximal, loss
             z.new_empty((1,), dtype=torch.float32))
 
 
+def forward_cpu(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
+                exclude_positive, noise_probs, precision="fp32", chunk_size=0):
+    """forward_chunked with the C++ tile epilogues (csrc/cpu/nce_shared.cpp)."""
+    return forward_chunked(features, memory, indices, neg_indices, z, temperature, proximal, loss_type, z_ema,
+                           exclude_positive, noise_probs, precision, chunk_size, fused=True)
+
+
 define_op("instdisc::nce_shared_forward_chunked", forward_chunked)
+define_op("instdisc::nce_shared_forward_cpu", forward_cpu)
+if _backend.op_handle("nce_shared_tile_nce_") is not None:     # a build with the tile epilogues
+    @torch.library.register_fake("instdisc::nce_shared_tile_nce_")
+    def _tile_nce_fake(scores):
+        return scores.new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("instdisc::nce_shared_tile_lse")
+    def _tile_lse_fake(scores):
+        return scores.new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("instdisc::nce_shared_tile_softmax_")
+    def _tile_softmax_fake(scores, row_max, row_sum):
+        return scores.new_empty((scores.shape[0],))
 try:
     from . import nce_shared_triton  # noqa: F401  (defines instdisc::nce_shared_forward_triton)
 except ImportError:
@@ -398,8 +448,10 @@ except ImportError:
 
 TABLE = _backend.OpTable(
     "nce_loss(negatives='shared')",
-    renamed={"cpu": "eager"},     # the chunked ATen path was "cpu" before the one vocabulary
     eager=_backend.Impl(torch.ops.instdisc.nce_shared_forward_chunked, "ops/nce_shared.py forward_chunked"),
+    cpu=_backend.Impl(torch.ops.instdisc.nce_shared_forward_cpu,
+                      "ops/nce_shared.py forward_cpu + csrc/cpu/nce_shared.cpp tile epilogues",
+                      dispatch="nce_shared_tile_nce_"),
     triton=_backend.Impl(_backend.op_handle("nce_shared_forward_triton"),
                          "ops/nce_shared_triton.py forward_triton", triton=True),
 )

@@ -124,7 +124,8 @@ HAS_CPP = _backend.extension_loaded()
 # op -> (table, public name in messages, run, oracle, what "auto" picks on CPU)
 OPS = {
     "nce": (nce.TABLE, "nce_loss", _nce, _nce_oracle, "cpu" if HAS_CPP else "eager"),
-    "nce_shared": (nce_shared.TABLE, "nce_loss(negatives='shared')", _shared, _shared_oracle, "eager"),
+    "nce_shared": (nce_shared.TABLE, "nce_loss(negatives='shared')", _shared, _shared_oracle,
+                   "cpu" if HAS_CPP else "eager"),
     "softmax": (softmax.TABLE, "nonparametric_softmax_loss", _softmax, _softmax_oracle, "eager"),
     "nce_probs": (nce_probs.TABLE, "NCEAverage", _probs, _probs_oracle, "cpu" if HAS_CPP else "eager"),
     "knn": (knn.TABLE, "knn_predict", _knn, _knn_oracle, "cpu" if knn._CPU_SIMD else "eager"),
@@ -151,7 +152,7 @@ def chosen(monkeypatch):
 def test_auto_on_cpu(op, chosen):
     table, _, run, _, want = OPS[op]
     assert table.select("auto", CPU) == want
-    # the softmax, the shared negatives (no C++ kernel) and the kNN without AVX512-BF16 run eager;
+    # the softmax (no C++ kernel) and the kNN without AVX512-BF16 run eager;
     # every op with a C++ kernel picks it ("cpu")
     assert want == ("cpu" if "cpu" in table.impls and table.impls["cpu"].auto and HAS_CPP else "eager")
     chosen.clear()
@@ -304,17 +305,16 @@ def test_modules_warn_once_at_construction_and_store_eager():
         ik.InstDiscLoss(N, D, backend="fused")
 
 
-@pytest.mark.parametrize("op", ["softmax", "nce_shared"])
+@pytest.mark.parametrize("op", ["softmax"])
 def test_cpu_for_an_op_without_a_cpp_kernel_is_its_deprecated_eager(op):
-    # the softmax and the shared negatives called their chunked ATen path "cpu" before the one
-    # vocabulary: accepted for one release, with a warning saying what ran
+    # the softmax called its chunked ATen path "cpu" before the one vocabulary: accepted for one
+    # release, with a warning saying what ran (the shared negatives had the same alias until their
+    # C++ tile epilogues became the "cpu" backend)
     mem, x, y, neg = _problem()
-    run = {"softmax": lambda be: ik.nonparametric_softmax_loss(x, mem.clone(), y, backend=be),
-           "nce_shared": lambda be: ik.nce_loss(x, mem.clone(), y, neg_indices=neg[0], negatives="shared",
-                                                backend=be)}[op]
+    run = {"softmax": lambda be: ik.nonparametric_softmax_loss(x, mem.clone(), y, backend=be)}[op]
     with pytest.warns(DeprecationWarning, match=r"backend='cpu' .* is deprecated.*now backend='eager'") as rec:
         got = run("cpu")
     assert rec[0].filename == __file__
     assert torch.equal(got, run("eager"))
-    table = {"softmax": softmax.TABLE, "nce_shared": nce_shared.TABLE}[op]
+    table = {"softmax": softmax.TABLE}[op]
     assert table.available("cpu", CPU)

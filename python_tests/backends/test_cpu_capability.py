@@ -3,9 +3,9 @@
 The extension is compiled for the x86-64 baseline and picks, once at load, the kernels built for
 the best capability the CPU supports, capped by INSTDISC_CPU_CAPABILITY. Each capability runs in
 a subprocess with the variable set: the extension must import there, report the capability, and
-nce_forward (NCE and InfoNCE), the NCEAverage ops, bank_update_ and knn_topk must match the
-float64 oracle (instdisc_kernels/reference.py) on small odd shapes. "default" is the baseline
-(SSE2) build, which every x86-64 CPU runs. The child loads only torch, the extension and the
+nce_forward (NCE and InfoNCE), the NCEAverage ops, bank_update_, knn_topk and the shared
+negatives' tile epilogues must match the float64 oracle (instdisc_kernels/reference.py) on small
+odd shapes. "default" is the baseline (SSE2) build, which every x86-64 CPU runs. The child loads only torch, the extension and the
 oracle module (a few seconds), not the whole package.
 """
 import functools
@@ -43,7 +43,7 @@ def _env(cap, **extra):
     env.pop("INSTDISC_CPU_CAPABILITY", None)
     if cap is not None:
         env["INSTDISC_CPU_CAPABILITY"] = cap
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, TESTS, env.get("PYTHONPATH", "")])
     return env
 
 
@@ -148,6 +148,8 @@ def _child(checks=True):
             _close(v, rv, 1e-6, f"knn_topk {bank_dtype}")
             assert torch.equal(i, ri), f"knn_topk {bank_dtype}: indices differ from the oracle's"
             checked += 1
+    from helpers.tile_epilogues import check_tile_epilogues
+    checked += check_tile_epilogues(ops)      # the shared negatives' tile epilogues
     print(json.dumps({"capability": ops.cpu_capability(), "checked": checked}))
 
 

@@ -7,14 +7,15 @@ import torch
 
 import instdisc_kernels as ik
 from helpers.alloc import AllocTracker
+from helpers.tile_epilogues import check_tile_epilogues
 from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import nce_shared as NS
 from instdisc_kernels.ops import nce_shared_triton as NST
 
-BACKENDS = ["full", "eager", "triton"]      # IMPLS keys: "full" is the B x K cross-check
-PUBLIC = ["eager", "triton"]
-IMPLS = {"full": NS.forward_full, "eager": NS.forward_chunked, "triton": NST.forward_triton}
-OPS = {"eager": "nce_shared_forward_chunked", "triton": "nce_shared_forward_triton"}
+BACKENDS = ["full", "eager", "cpu", "triton"]      # IMPLS keys: "full" is the B x K cross-check
+PUBLIC = ["eager", "cpu", "triton"]
+IMPLS = {"full": NS.forward_full, "eager": NS.forward_chunked, "cpu": NS.forward_cpu, "triton": NST.forward_triton}
+OPS = {"eager": "nce_shared_forward_chunked", "cpu": "nce_shared_forward_cpu", "triton": "nce_shared_forward_triton"}
 LOSS = {"nce": 0, "infonce": 1}
 
 
@@ -129,7 +130,13 @@ def test_public_step_every_bank_dtype(backend, bank_dtype):
     torch.testing.assert_close(mem.double(), exp_mem.double(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("backend", ["full", "eager"])
+def test_cpu_tile_epilogues_match_float64():
+    # the C++ one-pass epilogues of the "cpu" backend on edge values (more under every CPU
+    # capability in python_tests/backends/test_cpu_capability.py)
+    assert check_tile_epilogues(torch.ops.instdisc) >= 20
+
+
+@pytest.mark.parametrize("backend", ["full", "eager", "cpu"])
 def test_float64_features(backend):
     mem, f, y, neg = _problem(3, 7, 10, bank_dtype=torch.float64, dtype=torch.float64)
     for lt in (0, 1):
@@ -139,7 +146,7 @@ def test_float64_features(backend):
         _close(loss, grad, L, G, 1e-10)
 
 
-@pytest.mark.parametrize("backend", ["eager"])
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
 def test_gradcheck_float64(backend):
     mem, f, y, neg = _problem(3, 5, 6, bank_dtype=torch.float64)
     x = f.double().requires_grad_()
@@ -297,7 +304,7 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.parametrize("backend", ["eager", "cpu", "auto"])
 def test_torch_compile_fullgraph_training_step(backend):
     torch._dynamo.reset()
     N, D = 64, 16

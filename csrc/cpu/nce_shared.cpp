@@ -1,0 +1,73 @@
+// CPU epilogues of the shared-negative NCE / InfoNCE score tiles (ops/nce_shared.py, backend
+// "cpu"): ATen's GEMM writes a B x n tile of scores, one of these ops then makes one pass over it
+// (kernels in nce_shared_kernels.h, compiled per CPU capability).
+//   nce_shared_tile_nce_(x)              x <- sigmoid(x); returns sum softplus(x) (float64, 0-dim)
+//   nce_shared_tile_lse(x)               log sum exp over every entry (float64, 0-dim)
+//   nce_shared_tile_softmax_(x, m, l)    InfoNCE's online softmax step; returns the rescale (B,)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#define INSTDISC_KERNELS "nce_shared_kernels.h"  // compiled once per CPU capability
+#include "kernel_variants.h"
+
+namespace instdisc {
+namespace {
+
+void check_tile(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), name, " must be a contiguous 2-D tensor, got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+                   " must be float32 or float64, got ", x.scalar_type());
+}
+
+at::Tensor tile_nce_cpu(at::Tensor x) {
+  check_tile(x, "scores");
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nce_shared_tile_nce_", [&] {
+    total = INSTDISC_CPU_DISPATCH(cap::tile_nce<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1)));
+  });
+  return at::scalar_tensor(total, x.options().dtype(at::kDouble));
+}
+
+at::Tensor tile_lse_cpu(const at::Tensor& x) {
+  check_tile(x, "scores");
+  double out = -std::numeric_limits<double>::infinity();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nce_shared_tile_lse", [&] {
+    out = INSTDISC_CPU_DISPATCH(
+        cap::tile_lse<scalar_t>(const_cast<scalar_t*>(x.data_ptr<scalar_t>()), x.size(0), x.size(1)));
+  });
+  return at::scalar_tensor(out, x.options().dtype(at::kDouble));
+}
+
+at::Tensor tile_softmax_cpu(at::Tensor x, at::Tensor m, at::Tensor l) {
+  check_tile(x, "scores");
+  const int64_t B = x.size(0);
+  for (const auto* t : {&m, &l}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == B && t->is_contiguous() &&
+                          t->scalar_type() == x.scalar_type(),
+                      "row_max and row_sum must be contiguous (B,) tensors of the scores' dtype");
+  }
+  auto scale = at::empty({B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nce_shared_tile_softmax_", [&] {
+    INSTDISC_CPU_DISPATCH(cap::tile_softmax<scalar_t>(x.data_ptr<scalar_t>(), B, x.size(1), m.data_ptr<scalar_t>(),
+                                                      l.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>()));
+  });
+  return scale;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instdisc, CPU, m) {
+  m.impl("nce_shared_tile_nce_", &tile_nce_cpu);
+  m.impl("nce_shared_tile_lse", &tile_lse_cpu);
+  m.impl("nce_shared_tile_softmax_", &tile_softmax_cpu);
+}
+
+}  // namespace instdisc

@@ -1,0 +1,217 @@
+// Epilogues of the shared-negative score tiles (ops/nce_shared.py, backend "cpu"), on raw
+// pointers, compiled once per CPU capability (kernel_variants.h, from nce_shared.cpp): no include
+// guard, no #include. Each walks one row of a B x n tile that ATen's GEMM has just written (still
+// in cache) once, in place of the five to seven ATen passes of the eager path.
+//
+// Every exp here has an argument <= 0 (exp(-|x|), exp(x - max)), so no result overflows. The AVX2
+// exp is Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial; within 2 ulp on the
+// normal range); arguments below -87.3 (where the result would be subnormal) give 0, a NaN
+// gives NaN. A NaN score stays NaN through every epilogue (the step then rejects the loss).
+namespace {
+
+#if INSTDISC_VARIANT_LEVEL >= 1
+inline __m256 exp_nonpos8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // false below lo and for NaN
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const __m256 x0 = x;
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_setzero_ps());
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep), x0, nan);
+}
+
+inline double hsum(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+#endif
+
+// One entry of the NCE epilogue: x <- sigmoid(x); adds max(x, 0) to pos and multiplies prod by
+// 1 + exp(-|x|) (softplus(x) = max(x, 0) + log(1 + exp(-|x|))).
+template <typename acc_t>
+inline void nce_entry(acc_t& x, double& pos, double& prod) {
+  const double v = static_cast<double>(x);
+  const double e = std::exp(-std::abs(v));
+  const double inv = 1.0 / (1.0 + e);
+  x = static_cast<acc_t>(v >= 0 ? inv : e * inv);
+  pos += v != v ? v : std::max(v, 0.0);  // a NaN score reaches the sum
+  prod *= 1.0 + e;
+}
+
+// Row epilogue of lemniscate NCE: x[0..n) <- sigmoid(x); returns sum softplus(x) in double. The
+// logs of the (1 + e) factors (each in (1, 2]) are taken as one log of their double product per
+// 256 vectors (a product of m factors is off by <= m 2^-53 relative).
+template <typename acc_t>
+double nce_row(acc_t* x, int64_t n) {
+  double pos = 0, logs = 0, prod = 1;
+  int64_t i = 0;
+#if INSTDISC_VARIANT_LEVEL >= 1
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    __m256d p0 = _mm256_set1_pd(1.0), p1 = p0, s0 = _mm256_setzero_pd(), s1 = s0;
+    int blocks = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 e = exp_nonpos8(_mm256_or_ps(v, sign));  // exp(-|x|)
+      const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+      const __m256 nonneg = _mm256_cmp_ps(v, zero, _CMP_GE_OQ);
+      _mm256_storeu_ps(x + i, _mm256_blendv_ps(_mm256_mul_ps(e, inv), inv, nonneg));
+      const __m256 vp = _mm256_blendv_ps(zero, v, _mm256_or_ps(nonneg, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(vp)));
+      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(vp, 1)));
+      const __m256d one_d = _mm256_set1_pd(1.0);
+      p0 = _mm256_mul_pd(p0, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_castps256_ps128(e))));
+      p1 = _mm256_mul_pd(p1, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
+      if (++blocks == 256) {  // 2^256 < the double range
+        double l[8];
+        _mm256_storeu_pd(l, p0);
+        _mm256_storeu_pd(l + 4, p1);
+        for (double f : l) logs += std::log(f);
+        p0 = p1 = _mm256_set1_pd(1.0);
+        blocks = 0;
+      }
+    }
+    double l[8];
+    _mm256_storeu_pd(l, p0);
+    _mm256_storeu_pd(l + 4, p1);
+    for (double f : l) logs += std::log(f);
+    pos = hsum(_mm256_add_pd(s0, s1));
+  }
+#endif
+  for (int64_t j = 0; i < n; ++i, ++j) {
+    nce_entry(x[i], pos, prod);
+    if ((j & 511) == 511) {
+      logs += std::log(prod);
+      prod = 1;
+    }
+  }
+  return pos + logs + std::log(prod);
+}
+
+// Max of a row (NaN if the row holds a NaN).
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  bool nan = false;
+  int64_t i = 0;
+#if INSTDISC_VARIANT_LEVEL >= 1
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n >= 8) {
+      __m256 v = _mm256_set1_ps(m), u = _mm256_setzero_ps();
+      for (; i + 8 <= n; i += 8) {
+        const __m256 xi = _mm256_loadu_ps(x + i);
+        v = _mm256_max_ps(v, xi);
+        u = _mm256_or_ps(u, _mm256_cmp_ps(xi, xi, _CMP_UNORD_Q));
+      }
+      m = hmax(v);
+      nan = _mm256_movemask_ps(u) != 0;
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    m = std::max(m, x[i]);
+    nan = nan || x[i] != x[i];
+  }
+  return nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
+}
+
+// sum exp(x - shift) over a row (shift >= every x), in double; with write, x <- exp(x - shift).
+template <typename acc_t, bool write>
+double row_exp_sum(acc_t* x, int64_t n, acc_t shift) {
+  double s = 0;
+  int64_t i = 0;
+#if INSTDISC_VARIANT_LEVEL >= 1
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+      if constexpr (write) _mm256_storeu_ps(x + i, e);
+      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    s = hsum(_mm256_add_pd(s0, s1));
+  }
+#endif
+  for (; i < n; ++i) {
+    const acc_t e = std::exp(x[i] - shift);
+    if constexpr (write) x[i] = e;
+    s += static_cast<double>(e);
+  }
+  return s;
+}
+
+// The three tile epilogues (B rows of n entries, row-major, contiguous).
+template <typename acc_t>
+double tile_nce(acc_t* x, int64_t B, int64_t n) {
+  std::vector<double> rows(B);
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) rows[b] = nce_row(x + b * n, n);
+  });
+  double total = 0;
+  for (double r : rows) total += r;  // in row order: independent of the thread count
+  return total;
+}
+
+// log sum exp over the whole tile, in double (-inf for an empty or all -inf tile).
+template <typename acc_t>
+double tile_lse(acc_t* x, int64_t B, int64_t n) {
+  std::vector<double> mx(B), sm(B);
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t m = row_max(x + b * n, n);
+      mx[b] = static_cast<double>(m);
+      sm[b] = std::isfinite(m) ? row_exp_sum<acc_t, false>(x + b * n, n, m) : 0.0;
+    }
+  });
+  double M = -std::numeric_limits<double>::infinity();
+  for (double m : mx) {
+    if (m != m) return m;
+    M = std::max(M, m);
+  }
+  if (!std::isfinite(M)) return M;
+  double total = 0;
+  for (int64_t b = 0; b < B; ++b)
+    if (sm[b] > 0) total += sm[b] * std::exp(mx[b] - M);
+  return M + std::log(total);
+}
+
+// InfoNCE's online softmax, one tile: per row, M' = max(m, max x), scale = exp(m - M'),
+// x <- exp(x - M'), l <- l scale + sum x, m <- M'; scale[b] rescales the running gradient sum.
+template <typename acc_t>
+void tile_softmax(acc_t* x, int64_t B, int64_t n, acc_t* m, acc_t* l, acc_t* scale) {
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t rm = row_max(x + b * n, n);
+      const acc_t mn = rm != rm ? rm : std::max(m[b], rm);           // NaN stays
+      const acc_t sc = m[b] == mn ? acc_t(1) : std::exp(m[b] - mn);  // 0 while m = -inf
+      double s = 0;
+      if (!std::isinf(mn))
+        s = row_exp_sum<acc_t, true>(x + b * n, n, mn);
+      else if (mn < 0)
+        std::fill(x + b * n, x + (b + 1) * n, acc_t(0));  // a row of -inf: weights 0
+      l[b] = static_cast<acc_t>(static_cast<double>(l[b]) * static_cast<double>(sc) + s);
+      m[b] = mn;
+      scale[b] = sc;
+    }
+  });
+}
+
+}  // namespace

@@ -1,0 +1,47 @@
+"""Checks of the CPU tile epilogues of the shared negatives (csrc/cpu/nce_shared.cpp) against
+float64 torch on edge values (0, +-95, -100, a long row over the kernels' renormalisation
+points, a NaN), used by python_tests/nce/test_nce_shared.py and, under every CPU capability, by
+the child of python_tests/backends/test_cpu_capability.py. Returns the number of checks."""
+import math
+
+import torch
+
+# per-entry error budgets in float32 units: the AVX2 exp is within 2 ulp, a sigmoid within 4
+U32 = 2.0 ** -24
+
+
+def check_tile_epilogues(ops):
+    g = torch.Generator().manual_seed(11)
+    checked = 0
+    for B, n in ((1, 1), (3, 7), (5, 17), (2, 300), (3, 2200)):
+        x = torch.randn(B, n, generator=g) * 30
+        flat = x.view(-1)
+        flat[0] = 0.0
+        if flat.numel() > 3:
+            flat[1], flat[2] = -100.0, 95.0
+        xd = x.double()
+        y = x.clone()
+        total = ops.nce_shared_tile_nce_(y)
+        want = torch.nn.functional.softplus(xd).sum()
+        assert total.dtype == torch.float64 and total.dim() == 0
+        assert abs(float(total - want)) <= 8 * U32 * x.numel(), (B, n, float(total), float(want))
+        assert (y.double() - torch.sigmoid(xd)).abs().max().item() <= 8 * U32, (B, n, "sigmoid")
+        lse = ops.nce_shared_tile_lse(x.clone())
+        assert abs(float(lse - torch.logsumexp(xd.view(-1), 0))) <= 8 * U32, (B, n, "lse")
+        m, l, z = torch.full((B,), 3.0), torch.full((B,), 2.0), x.clone()
+        scale = ops.nce_shared_tile_softmax_(z, m, l)
+        mn = torch.maximum(torch.tensor(3.0, dtype=torch.float64), xd.max(1).values)
+        w = torch.exp(xd - mn[:, None])
+        assert torch.equal(m.double(), mn), (B, n, "row max")
+        assert (z.double() - w).abs().max().item() <= 8 * U32, (B, n, "softmax weights")
+        want_l = 2.0 * torch.exp(3.0 - mn) + w.sum(1)
+        assert ((l.double() - want_l) / want_l).abs().max().item() <= 8 * U32 * math.sqrt(n), (B, n, "row sum")
+        assert (scale.double() - torch.exp(3.0 - mn)).abs().max().item() <= 4 * U32, (B, n, "rescale")
+        checked += 4
+    nan_row = torch.tensor([[float("nan")] + [float(i) for i in range(1, 12)]])
+    assert math.isnan(float(ops.nce_shared_tile_nce_(nan_row.clone())))
+    assert math.isnan(float(ops.nce_shared_tile_lse(nan_row.clone())))
+    m, l = torch.full((1,), float("-inf")), torch.zeros(1)
+    ops.nce_shared_tile_softmax_(nan_row.clone(), m, l)
+    assert math.isnan(float(m)) and math.isnan(float(l))
+    return checked + 1
