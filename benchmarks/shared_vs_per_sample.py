@@ -1,7 +1,8 @@
 """Interleaved timing of one training step (loss, backward, bank update): per-sample fused NCE
-at K=4096 against shared negatives at K=4096 and 65,536 (fp32 and bf16 products) and a plain
-torch.mm of the same two GEMM shapes, N=50,000, B=256, D=128, fp32 bank, fixed Z. The providers
-alternate within each round, so a busy machine slows them alike; medians of --rounds.
+at K=4096 against shared negatives at K=4096 and 65,536 (backends eager and cpu, i.e. ATen's
+elementwise epilogue and the C++ tile epilogue; fp32 and bf16 products) and a plain torch.mm of
+the same two GEMM shapes, N=50,000, B=256, D=128, fp32 bank, fixed Z. The providers alternate
+within each round, so a busy machine slows them alike; medians of --rounds.
 
     python benchmarks/shared_vs_per_sample.py --threads 1
 """
@@ -36,10 +37,12 @@ def main(argv=None):
         G, W, xd = torch.randn(K, D), torch.randn(B, K), x.detach()
         return lambda: (torch.mm(xd, G.t()), torch.mm(W, G))
 
-    steps = {"per-sample K=4096": step(num_negatives=4096)}
+    steps = {"per-sample K=4096": step(num_negatives=4096, backend="cpu")}
     for K in (4096, 65536):
-        steps[f"shared K={K}"] = step(num_negatives=K, negatives="shared")
-        steps[f"shared K={K} bf16"] = step(num_negatives=K, negatives="shared", precision="bf16")
+        for be in ("eager", "cpu"):
+            steps[f"shared K={K} {be}"] = step(num_negatives=K, negatives="shared", backend=be)
+            steps[f"shared K={K} {be} bf16"] = step(num_negatives=K, negatives="shared", backend=be,
+                                                   precision="bf16")
         steps[f"torch.mm K={K}"] = mm(K)
     times = {k: [] for k in steps}
     for f in steps.values():
@@ -55,7 +58,7 @@ def main(argv=None):
     for k, t in med.items():
         K = int(k.split("K=")[1].split()[0]) if "K=" in k else 0
         rate = f"{4 * B * K * D / t / 1e9:7.1f} GFLOP/s" if not k.startswith("per-sample") else " " * 15
-        print(f"{k:<24}{t * 1e3:10.1f} ms  {rate}  per-sample/this {ps / t:6.2f}")
+        print(f"{k:<28}{t * 1e3:10.1f} ms  {rate}  per-sample/this {ps / t:6.2f}")
 
 
 if __name__ == "__main__":
