@@ -9,12 +9,14 @@
 // a buffer that is summed serially, so every output is bit-identical for any thread count.
 // In-kernel negatives: the Philox stream of csrc/philox.h (the same on the CUDA backend).
 #include "rows.h"
+#include "simd_math.h"
 
 namespace {
 
 using rows::as_acc;
 using rows::dot;
 using rows::for_each_row;
+using rows::for_each_row_block;
 
 // A non-finite score s = V[r] . F[b] (F is finite): bank row r holds NaN/inf, or the dot overflows.
 template <typename acc_t>
@@ -85,14 +87,17 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
                 std::vector<double>& row_sum) {
   const int64_t K1 = a.K + 1, D = a.D;
   const acc_t invT = static_cast<acc_t>(1.0 / a.T);
-  for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
+  for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t*) {
     const acc_t* f = feat + b * D;
     acc_t* s = scores + b * K1;
     acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
-      s[k] = dot(v, f, D);
-      flag_score(a, b, idx[k], s[k]);
-      m = std::max(m, s[k] * invT);
+    acc_t* buf8 = rows::scratch<acc_t>(8 * D);
+    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const acc_t* const* v) {
+      rows::dots8(v, n, f, D, s + k0);
+      for (int j = 0; j < n; ++j) {
+        flag_score(a, b, idx[k0 + j], s[k0 + j]);
+        m = std::max(m, s[k0 + j] * invT);
+      }
     });
     double sum = 0;
     for (int64_t k = 0; k < K1; ++k) sum += std::exp(s[k] * invT - m);
@@ -141,6 +146,37 @@ acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& 
   return P / (P + c);
 }
 
+// Eight running products of loss factors (float32 AVX2 path of the NCE pass), folded into a
+// RowLoss when one might overflow (each factor is below 2^140: P <= e^80, N/K <= 2^40) and at the
+// end of the batch row.
+struct ProductLanes {
+#if INSTDISC_VARIANT_LEVEL >= 1
+  __m256d p0, p1;
+  bool used = false;
+  // (an explicit constructor: an implicit one would be compiled outside the target region)
+  ProductLanes() : p0(_mm256_set1_pd(1.0)), p1(_mm256_set1_pd(1.0)) {}
+  void mul(__m256d f0, __m256d f1, RowLoss& row) {
+    p0 = _mm256_mul_pd(p0, f0);
+    p1 = _mm256_mul_pd(p1, f1);
+    used = true;
+    const __m256d big = _mm256_set1_pd(0x1p500);
+    if (_mm256_movemask_pd(_mm256_or_pd(_mm256_cmp_pd(p0, big, _CMP_GT_OQ), _mm256_cmp_pd(p1, big, _CMP_GT_OQ))))
+      fold(row);
+  }
+  void fold(RowLoss& row) {
+    if (!used) return;
+    double l[8];
+    _mm256_storeu_pd(l, p0);
+    _mm256_storeu_pd(l + 4, p1);
+    for (double f : l) row.mul(f);
+    p0 = p1 = _mm256_set1_pd(1.0);
+    used = false;
+  }
+#else
+  void fold(RowLoss&) {}
+#endif
+};
+
 // Constants of lemniscate NCE with uniform noise Pn = 1/N.
 template <typename acc_t>
 struct UniformNce {
@@ -156,6 +192,33 @@ struct UniformNce {
   acc_t entry(bool positive, acc_t s, RowLoss& row, acc_t& P) const {
     const double ik = inv_kp;
     return nce_entry(positive, s * invT - lz, kp, c, lim, row, P, [ik](double pe) { return 1.0 + pe * ik; });
+  }
+  // Eight negatives at once (float32, AVX2), what entry() does for each: coef[j], the loss factors
+  // 1 + (P + eps) / (K Pn) multiplied into lanes, and P / dloss/dP into probs / grad_probs when
+  // given. Returns false, having done nothing, unless every |log P| <= lim (no NaN): the caller
+  // then takes entry() per score.
+  bool negatives8(const acc_t* s, acc_t* coef, ProductLanes& lanes, RowLoss& row, acc_t* probs, acc_t* grad_probs,
+                  acc_t inv_b) const {
+#if INSTDISC_VARIANT_LEVEL >= 1
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 lp = _mm256_fmsub_ps(_mm256_loadu_ps(s), _mm256_set1_ps(invT), _mm256_set1_ps(lz));
+      const __m256 in = _mm256_and_ps(_mm256_cmp_ps(lp, _mm256_set1_ps(lim), _CMP_LE_OQ),
+                                      _mm256_cmp_ps(lp, _mm256_set1_ps(-lim), _CMP_GE_OQ));
+      if (_mm256_movemask_ps(in) != 0xff) return false;
+      const __m256 P = simd::exp8(lp);
+      const __m256 inv_den = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(P, _mm256_set1_ps(c)));
+      _mm256_storeu_ps(coef, _mm256_mul_ps(P, inv_den));
+      if (probs != nullptr) _mm256_storeu_ps(probs, P);
+      if (grad_probs != nullptr) _mm256_storeu_ps(grad_probs, _mm256_mul_ps(inv_den, _mm256_set1_ps(inv_b)));
+      const __m256d e = _mm256_set1_pd(kEps), ik = _mm256_set1_pd(inv_kp), one = _mm256_set1_pd(1.0);
+      const __m256d f0 = _mm256_fmadd_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(P)), e), ik, one);
+      const __m256d f1 = _mm256_fmadd_pd(_mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(P, 1)), e), ik, one);
+      lanes.mul(f0, f1, row);
+      return true;
+    }
+#endif
+    (void)s, (void)coef, (void)lanes, (void)row, (void)probs, (void)grad_probs, (void)inv_b;
+    return false;
   }
 };
 
@@ -174,26 +237,42 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
   const int64_t K1 = a.K + 1, D = a.D;
   const UniformNce<acc_t> u(a, log_z);
   const acc_t eps = static_cast<acc_t>(kEps), inv_b = static_cast<acc_t>(1.0 / a.B);
-  for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t* buf) {
+  for_batch_rows<acc_t>(a, [&](int64_t b, const int64_t* idx, acc_t*) {
     const acc_t* f = feat + b * D;
     acc_t* g = grad + b * D;
+    acc_t* buf8 = rows::scratch<acc_t>(8 * D);
     rows::GradRow<acc_t> gr(D);
     RowLoss row;
-    for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
-      const acc_t s = scores != nullptr ? scores[b * K1 + k] : dot(v, f, D);
-      flag_score(a, b, idx[k], s);
-      acc_t P, coef;
-      if (a.noise != nullptr) {
-        const acc_t kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
-        coef = nce_entry(k == 0, s * u.invT - u.lz, kp, kp + eps, u.lim, row, P,
-                         [kp](double pe) { return 1.0 + pe / static_cast<double>(kp); });
+    ProductLanes lanes;
+    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const acc_t* const* v) {
+      acc_t s[8], coef[8];
+      if (scores != nullptr) {
+        for (int j = 0; j < n; ++j) s[j] = scores[b * K1 + k0 + j];
       } else {
-        coef = u.entry(k == 0, s, row, P);
+        rows::dots8(v, n, f, D, s);
       }
-      if (probs != nullptr) probs[b * K1 + k] = P;
-      if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
-      gr.add(coef, v);
+      const int64_t e0 = b * K1 + k0;
+      if (!(k0 > 0 && n == 8 && a.noise == nullptr &&
+            u.negatives8(s, coef, lanes, row, probs ? probs + e0 : nullptr, grad_probs ? grad_probs + e0 : nullptr,
+                         inv_b))) {
+        for (int j = 0; j < n; ++j) {  // the positive, noise_probs, |log P| > 80 or NaN, a short block
+          const int64_t k = k0 + j;
+          flag_score(a, b, idx[k], s[j]);
+          acc_t P;
+          if (a.noise != nullptr) {
+            const acc_t kp = static_cast<acc_t>(a.K) * static_cast<acc_t>(a.noise[idx[k]]);
+            coef[j] = nce_entry(k == 0, s[j] * u.invT - u.lz, kp, kp + eps, u.lim, row, P,
+                                [kp](double pe) { return 1.0 + pe / static_cast<double>(kp); });
+          } else {
+            coef[j] = u.entry(k == 0, s[j], row, P);
+          }
+          if (probs != nullptr) probs[b * K1 + k] = P;
+          if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
+        }
+      }
+      for (int j = 0; j < n; ++j) gr.add(coef[j], v[j]);
     });
+    lanes.fold(row);
     const double scale = 1.0 / (a.T * a.B);
     const double* w = gr.sum();
     for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d] * scale);

@@ -1,46 +1,19 @@
 // Epilogues of the shared-negative score tiles (ops/nce_shared.py, backend "cpu"), on raw
 // pointers, compiled once per CPU capability (kernel_variants.h, from nce_shared.cpp): no include
-// guard, no #include. Each walks one row of a B x n tile that ATen's GEMM has just written (still
+// guard, no #include but simd_math.h. Each walks one row of a B x n tile that ATen's GEMM has just written (still
 // in cache) once, in place of the five to seven ATen passes of the eager path.
 //
 // Every exp here has an argument <= 0 (exp(-|x|), exp(x - max)), so no result overflows. The AVX2
-// exp is Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial; within 2 ulp on the
-// normal range); arguments below -87.3 (where the result would be subnormal) give 0, a NaN
-// gives NaN. A NaN score stays NaN through every epilogue (the step then rejects the loss).
+// exp is simd::exp8 (simd_math.h: within 2 ulp; below -87.3 it gives 0). A NaN score stays NaN
+// through every epilogue (the step then rejects the loss).
 namespace {
 
+#include "simd_math.h"
+
 #if INSTDISC_VARIANT_LEVEL >= 1
-inline __m256 exp_nonpos8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // false below lo and for NaN
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 x0 = x;
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_setzero_ps());
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_blendv_ps(_mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep), x0, nan);
-}
-
-inline double hsum(__m256d v) {
-  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
+using simd::hmax;
+using simd::hsum;
+inline __m256 exp_nonpos8(__m256 x) { return simd::exp8(x); }
 #endif
 
 // One entry of the NCE epilogue: x <- sigmoid(x); adds max(x, 0) to pos and multiplies prod by
