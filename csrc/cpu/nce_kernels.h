@@ -1,13 +1,14 @@
 // The CPU NCE kernels on raw pointers: nce_forward (NCE with its Z, InfoNCE, proximal term) and the
 // NCEAverage ops (nce_probs, nce_probs_backward, nce_probs_loss). Compiled once per CPU capability
-// (kernel_variants.h, from nce_common.h): no include guard, no #include but rows.h.
+// (kernel_variants.h, from nce_common.h): no include guard, no #include but rows.h and simd_math.h.
 //
 // Layout of the work: at::parallel_for over batch rows; a batch row reads its K+1 bank rows
-// (column 0 the positive y[b], then the negatives) one after the other, prefetching a few rows
-// ahead, and never materialises anything of size B x (K+1) x D. bf16/fp16 rows are widened to
-// fp32 on the fly; accumulation is fp32 (fp64 when the features are fp64). Per-row losses go to
-// a buffer that is summed serially, so every output is bit-identical for any thread count.
-// In-kernel negatives: the Philox stream of csrc/philox.h (the same on the CUDA backend).
+// (column 0 the positive y[b], then the negatives) in blocks of 8, prefetching a few rows ahead:
+// the NCE pass takes a block's 8 dots at once, then (AVX2, uniform noise) its 8 negatives' terms
+// as vectors, then the 8 gradient updates; it never materialises anything of size B x (K+1) x D.
+// bf16/fp16 rows are widened to fp32 on the fly; accumulation is fp32 (fp64 when the features are fp64). Per-row losses
+// go to a buffer that is summed serially, so every output is bit-identical for any thread count. In-kernel negatives:
+// the Philox stream of csrc/philox.h (the same on the CUDA backend).
 #include "rows.h"
 #include "simd_math.h"
 
