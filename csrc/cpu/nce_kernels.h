@@ -148,8 +148,8 @@ acc_t nce_entry(bool positive, acc_t lp, acc_t kp, acc_t c, acc_t lim, RowLoss& 
 }
 
 // Eight running products of loss factors (float32 AVX2 path of the NCE pass), folded into a
-// RowLoss when one might overflow (each factor is below 2^140: P <= e^80, N/K <= 2^40) and at the
-// end of the batch row.
+// RowLoss (as mantissa and exponent) once one exceeds 2^500 (each factor is below 2^160: P <= e^80,
+// N/K <= 2^40) and at the end of the batch row.
 struct ProductLanes {
 #if INSTDISC_VARIANT_LEVEL >= 1
   __m256d p0, p1;
@@ -169,7 +169,11 @@ struct ProductLanes {
     double l[8];
     _mm256_storeu_pd(l, p0);
     _mm256_storeu_pd(l + 4, p1);
-    for (double f : l) row.mul(f);
+    for (double f : l) {  // f = m 2^e with m in [0.5, 1): the row's product never overflows
+      int e;
+      row.mul(std::frexp(f, &e));
+      row.prod_exp += e;
+    }
     p0 = p1 = _mm256_set1_pd(1.0);
     used = false;
   }

@@ -19,6 +19,8 @@ With the identity matrix as the bank (N = D), grad[b] is therefore the histogram
 chi-square test of uniformity, zero draws of the positive with exclude_positive. For a large,
 non-power-of-two N, a bank whose row i is (i / N, i mod 2) gives the mean of the drawn indices.
 """
+import math
+
 import pytest
 import torch
 
@@ -175,6 +177,25 @@ def test_forward_with_extreme_fixed_z(z, feat_dtype):
     torch.testing.assert_close(loss.double(), x_loss, rtol=rtol, atol=0)
     torch.testing.assert_close(grad.double(), x_grad, rtol=10 * rtol, atol=rtol * x_grad.abs().max().item())
     assert torch.equal(z_out, torch.tensor([z], dtype=torch.float32))
+
+
+def test_forward_with_every_log_p_near_its_limit():
+    """Every entry at log P = 75 (inside the limit: the vectorised path): each negative's loss
+    factor 1 + P N / K is ~2^115, so a row's product of 256 of them exceeds the double range many
+    times over and must be kept as mantissa and exponent."""
+    D, N, K = 16, 4096, 256
+    u = torch.nn.functional.normalize(torch.ones(D), dim=0)
+    mem = u.repeat(N, 1)
+    F = u.repeat(3, 1)
+    y = torch.tensor([0, 1, 2])
+    neg = torch.randint(0, N, (3, K), generator=torch.Generator().manual_seed(0))
+    T = 1.0 / 80                                                # s / T = 80
+    z = float(torch.tensor(math.exp(5.0), dtype=torch.float32))
+    loss, grad, _ = _call(OP, F, mem, y, neg, z=z, T=T)
+    x_loss, x_grad, _ = _oracle(F, mem, y, neg, z=z, T=T)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), x_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), x_grad, rtol=1e-4, atol=1e-5 * x_grad.abs().max().item())
 
 
 def test_strided_and_transposed_bank():
