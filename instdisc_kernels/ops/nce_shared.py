@@ -58,7 +58,9 @@ Implementations (TABLE below; docs/backends.md):
 
 precision "bf16" (the chunked eager path and Triton): features/T, the gathered rows
 and the gradient coefficients are rounded to bfloat16 for the products (fp32
-accumulation; on CPU ATen rounds the product outputs to bf16 too). The
+accumulation; on CPU ATen rounds the product outputs to bf16 too; on a CPU
+without native bf16 GEMMs the bf16-rounded features/T and rows are multiplied in
+fp32, at fp32 speed, like ops/softmax.py). The
 positive scores, Z combination, exp/log and all sums stay fp32/float64. Bound
 (u = 2^-8, r = max|F| max|V| / T, delta = 3.05 u r, as in ops/softmax.py):
 every negative logit is off by at most delta, so
@@ -84,7 +86,7 @@ import torch
 
 from .. import _backend, _validate
 from . import _saved_grad
-from ._formulas import EPS, nce_negative, nce_positive, opmath, proximal_terms
+from ._formulas import EPS, nce_negative, nce_positive, opmath, product_operand, proximal_terms
 from .bank_update import backend_after_loss
 from .nce import LOSS_TYPES, draw_negatives, finish_step
 from .softmax import PRECISIONS, default_chunk_size
@@ -299,13 +301,12 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
     """(loss, grad, z_out) by the op contract, with tiled ATen GEMMs; fused: each tile's
     epilogue is one C++ pass (backend "cpu") instead of ATen's elementwise ops."""
     acc = opmath(features.dtype)
-    cd = torch.bfloat16 if precision == "bf16" else acc
     B, D = features.shape
     N, K = memory.shape[0], neg_indices.shape[0]
     T = temperature
     F = features.to(acc)
-    Fs = (F / T).to(cd)
-    G = memory.index_select(0, neg_indices).to(cd)                   # the K rows, read once
+    Fs = product_operand(F / T, precision, acc)                       # bf16, or bf16-valued fp32
+    G = product_operand(memory.index_select(0, neg_indices), precision, acc)   # the K rows, read once
     Vy = memory.index_select(0, indices).to(acc)
     t0, prox_loss, prox_grad = positive_terms(F, Vy, T, proximal)
     cnt = masked_counts(indices, neg_indices, acc) if exclude_positive else None

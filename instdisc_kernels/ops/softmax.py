@@ -47,7 +47,12 @@ precision (the chunk products; every reduction, exp and sum stays fp32):
       accuracy on tensor cores).
   "bf16": features/T, the bank chunk and the softmax weights are rounded to
       bfloat16 for the two products, which accumulate in fp32 (on CPU ATen
-      also rounds the product *outputs* to bf16). Error bound against the
+      also rounds the product *outputs* to bf16). On a CPU without native bf16
+      GEMMs (no AVX512-BF16 or AMX, e.g. AVX2: ATen's bf16 matmul is a slow
+      fallback there) the bf16-rounded features/T and bank chunk are multiplied
+      in fp32 instead (each product of two bf16 values is exact in fp32; the
+      outputs and the weights are not rounded): at fp32 speed, within the same
+      bound (_formulas.native_bf16_products). Error bound against the
       exact (fp32 / float64) result, with u = 2^-8 (bf16 unit roundoff),
       r = max_b |F[b]| * max_j |V[j]| / T and delta = 3.05 u r:
         every logit is off by at most delta (inputs and output rounded, for
@@ -72,7 +77,7 @@ import torch
 from .. import _backend, _validate
 from . import _saved_grad
 from . import bank_update as _bank_update_mod
-from ._formulas import add_proximal, opmath
+from ._formulas import add_proximal, opmath, product_operand
 
 PRECISIONS = ("fp32", "bf16")
 BF16_U = 2.0 ** -8
@@ -124,12 +129,13 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0):
     whenever the allocator has returned memory to the OS (measured 8x slower
     right after an eager step had freed its 1.2 GB logits)."""
     acc = F.dtype
-    cd = torch.bfloat16 if precision == "bf16" else acc        # dtype of the chunk products
+    Fs = product_operand(F / temperature, precision, acc)
+    cd = Fs.dtype                                               # dtype of the chunk products
+    emulate = precision == "bf16" and cd == acc                 # bf16-valued operands in fp32
     B, D = F.shape
     N = memory.shape[0]
     chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, N), N)
     dev = F.device
-    Fs = (F / temperature).to(cd)
     m = torch.full((B,), float("-inf"), dtype=acc, device=dev)
     l = torch.zeros(B, dtype=acc, device=dev)
     A = torch.zeros(B, D, dtype=acc, device=dev)
@@ -144,6 +150,8 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0):
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         Vc = memory[start:start + n]
+        if emulate and Vc.dtype != torch.bfloat16:
+            Vc = Vc.to(torch.bfloat16)
         if Vc.dtype != cd:
             if low:
                 Vc = v_buf[:n * D].view(n, D).copy_(Vc)

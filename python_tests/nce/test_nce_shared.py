@@ -9,6 +9,7 @@ import instdisc_kernels as ik
 from helpers.alloc import AllocTracker
 from helpers.tile_epilogues import check_tile_epilogues
 from instdisc_kernels import reference as ref
+from instdisc_kernels.ops import _formulas
 from instdisc_kernels.ops import nce_shared as NS
 from instdisc_kernels.ops import nce_shared_triton as NST
 
@@ -208,9 +209,12 @@ def _bf16_bounds(f, mem, T, K, loss_type):
     return 2 * delta * (K + 1), vmax * K * (delta / 2 + 3.2 * u) / (T * B)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,native", [(b, True) for b in BACKENDS] + [("eager", False), ("cpu", False)])
 @pytest.mark.parametrize("loss_type", ["nce", "infonce"])
-def test_bf16_within_documented_bound(backend, loss_type):
+def test_bf16_within_documented_bound(backend, native, loss_type, monkeypatch):
+    # native: bf16 GEMMs (GPU, AVX512-BF16/AMX CPUs); else (the chunked CPU paths) bf16-valued
+    # operands multiplied in fp32 (_formulas.native_bf16_products); both ways on every machine
+    monkeypatch.setattr(_formulas, "_cpu_bf16", lambda: native)
     mem, f, y, neg = _problem(6, 40, 64, N=200)
     T = 0.07
     L, G, _ = _oracle(f, mem, y, neg, T, -1.0, loss_type, ex=True)

@@ -6,6 +6,7 @@ import torch
 from helpers.alloc import AllocTracker
 from instdisc_kernels import nonparametric_softmax_loss
 from instdisc_kernels import reference as R
+from instdisc_kernels.ops import _formulas
 from instdisc_kernels.ops import softmax as S
 from instdisc_kernels.ops import softmax_triton as ST
 
@@ -111,9 +112,12 @@ def test_large_logits_are_stable():
 # --------------------------------------------------------------------------- #
 # bf16 chunk products: the documented bound                                    #
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,native", [(b, True) for b in BACKENDS] + [("eager", False)])
 @pytest.mark.parametrize("noise", [0.05, 0.5, 10.0])
-def test_bf16_within_documented_bound(backend, noise):
+def test_bf16_within_documented_bound(backend, native, noise, monkeypatch):
+    # native: bf16 GEMMs (GPU, AVX512-BF16/AMX CPUs); else (the chunked CPU pass) bf16-valued
+    # operands multiplied in fp32 (_formulas.native_bf16_products); both ways on every machine
+    monkeypatch.setattr(_formulas, "_cpu_bf16", lambda: native)
     F, V, y = _data(8, 300, 64, noise=noise)
     loss, grad = IMPLS[backend](F, V, y, T, "bf16", 64)
     L, G = _oracle(F, V, y)
