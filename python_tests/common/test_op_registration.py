@@ -53,6 +53,7 @@ OPCHECKED_ELSEWHERE = {
     "nce_probs_backward_triton": ["test_nce_triton.py"],
     "bank_update_triton_": ["test_nce_triton.py"],
     "nce_shared_forward_chunked": ["test_nce_shared.py"],
+    "nce_shared_forward_cpu": ["test_nce_shared.py"],
     "nce_shared_forward_triton": ["test_nce_shared.py"],
     "softmax_forward_chunked": ["test_softmax.py"],
     "softmax_forward_triton": ["test_softmax.py"],
@@ -102,7 +103,15 @@ def _knn(qdtype, bdtype):
     return {"queries": F.to(qdtype), "bank": V.to(bdtype), "k": 7, "chunk_size": 16, "portable": False}
 
 
+def _tile(B=3, n=11, dtype=torch.float32):
+    return (torch.randn(B, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5).to(dtype)
+
+
 CASES = {  # op name -> [(case id, () -> {argument name: value})]
+    "nce_shared_tile_nce_": [("fp32", lambda: {"scores": _tile()}), ("fp64", lambda: {"scores": _tile(dtype=torch.float64)})],
+    "nce_shared_tile_lse": [("fp32", lambda: {"scores": _tile()}), ("fp64", lambda: {"scores": _tile(dtype=torch.float64)})],
+    "nce_shared_tile_softmax_": [("fp32", lambda: {"scores": _tile(), "row_max": torch.full((3,), float("-inf")),
+                                                   "row_sum": torch.zeros(3)})],
     "bank_update_": [("fp32", lambda: _bank_update(torch.float32)), ("fp64", lambda: _bank_update(torch.float64))],
     "bank_update_eager_": [("fp32", lambda: _bank_update(torch.float32))],
     "nce_forward": [("nce-neg", lambda: _nce_forward(torch.float32, False, 0)),
