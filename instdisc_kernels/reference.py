@@ -159,15 +159,21 @@ def nce_forward(features, memory, indices, neg_indices, *, temperature, z=0.0, l
     if loss_type in ("infonce", 1):
         loss, grad = infonce_loss_value(features, memory, idx, temperature), infonce_grad(features, memory, idx, temperature)
     else:
-        scores = nce_scores(features, memory, idx)
-        if z <= 0 or z_ema > 0:
-            Z = torch.as_tensor(ema_z(z if z > 0 else None, scores, temperature, memory.shape[0], z_ema))
+        Z = _nce_z(features, memory, idx, temperature, z, z_ema)
         loss = nce_loss_value(features, memory, idx, temperature, Z, noise_probs)
         grad = nce_grad(features, memory, idx, temperature, Z, noise_probs)
     if proximal > 0:
         loss = loss + proximal_value(features, memory, indices, proximal)
         grad = grad + proximal_grad(features, memory, indices, proximal)
     return loss, grad, Z
+
+
+def _nce_z(features, memory, idx, temperature, z, z_ema):
+    """nce_forward's Z: estimated from the scores when z <= 0, the moving average when z_ema > 0, else z."""
+    if z <= 0 or z_ema > 0:
+        scores = nce_scores(features, memory, idx)
+        return torch.as_tensor(ema_z(z if z > 0 else None, scores, temperature, memory.shape[0], z_ema))
+    return torch.tensor(float(z), dtype=torch.float64)
 
 
 def nce_grad_scale(features, memory, indices, neg_indices, *, temperature, z=0.0, loss_type="nce", proximal=0.0,
@@ -179,9 +185,8 @@ def nce_grad_scale(features, memory, indices, neg_indices, *, temperature, z=0.0
     if loss_type in ("infonce", 1):
         coef = infonce_grad_coefficients(features, memory, idx, temperature)
     else:
-        _, _, Z = nce_forward(features, memory, indices, neg_indices, temperature=temperature, z=z,
-                              z_ema=z_ema, noise_probs=noise_probs)
-        coef = nce_grad_coefficients(features, memory, idx, temperature, Z, noise_probs)
+        coef = nce_grad_coefficients(features, memory, idx, temperature, _nce_z(features, memory, idx, temperature,
+                                                                                  z, z_ema), noise_probs)
     scale = torch.einsum("bk,bkd->bd", coef.abs(), _f64(memory)[idx].abs())
     if proximal > 0:
         scale = scale + proximal_grad(features, memory, indices, proximal).abs()

@@ -349,8 +349,7 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
           const acc_t coef = u.entry(positive, dot(v, feat + b * D, D), lc[b], P);
           probs[e] = P;
           grad_probs[e] = criterion_dp(positive, P, u.c) * inv_b;
-          acc_t* __restrict y = gc + b * D;
-          for (int64_t d = 0; d < D; ++d) y[d] += coef * v[d];
+          rows::axpy(gc + b * D, coef, v, D);
         }
       }
     }

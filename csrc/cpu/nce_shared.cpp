@@ -21,10 +21,10 @@ namespace instdisc {
 namespace {
 
 void check_tile(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), name, " must be a contiguous 2-D tensor, got ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
-                   " must be float32 or float64, got ", x.scalar_type());
+  INSTDISC_CHECK_VALUE(x.device().is_cpu(), name, " must be a CPU tensor");
+  INSTDISC_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), name, " must be a contiguous 2-D tensor, got ", x.sizes());
+  INSTDISC_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+                      " must be float32 or float64, got ", x.scalar_type());
 }
 
 at::Tensor tile_nce_cpu(at::Tensor x) {
@@ -50,9 +50,9 @@ at::Tensor tile_softmax_cpu(at::Tensor x, at::Tensor m, at::Tensor l) {
   check_tile(x, "scores");
   const int64_t B = x.size(0);
   for (const auto* t : {&m, &l}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == B && t->is_contiguous() &&
-                          t->scalar_type() == x.scalar_type(),
-                      "row_max and row_sum must be contiguous (B,) tensors of the scores' dtype");
+    INSTDISC_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == B && t->is_contiguous() &&
+                             t->scalar_type() == x.scalar_type(),
+                         "row_max and row_sum must be contiguous (B,) tensors of the scores' dtype");
   }
   auto scale = at::empty({B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nce_shared_tile_softmax_", [&] {

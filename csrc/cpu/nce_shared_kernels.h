@@ -11,9 +11,9 @@ namespace {
 #include "simd_math.h"
 
 #if INSTDISC_VARIANT_LEVEL >= 1
+using simd::exp8;
 using simd::hmax;
 using simd::hsum;
-inline __m256 exp_nonpos8(__m256 x) { return simd::exp8(x); }
 #endif
 
 // One entry of the NCE epilogue: x <- sigmoid(x); adds max(x, 0) to pos and multiplies prod by
@@ -42,7 +42,7 @@ double nce_row(acc_t* x, int64_t n) {
     int blocks = 0;
     for (; i + 8 <= n; i += 8) {
       const __m256 v = _mm256_loadu_ps(x + i);
-      const __m256 e = exp_nonpos8(_mm256_or_ps(v, sign));  // exp(-|x|)
+      const __m256 e = exp8(_mm256_or_ps(v, sign));  // exp(-|x|)
       const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
       const __m256 nonneg = _mm256_cmp_ps(v, zero, _CMP_GE_OQ);
       _mm256_storeu_ps(x + i, _mm256_blendv_ps(_mm256_mul_ps(e, inv), inv, nonneg));
@@ -115,7 +115,7 @@ double row_exp_sum(acc_t* x, int64_t n, acc_t shift) {
     const __m256 sh = _mm256_set1_ps(shift);
     __m256d s0 = _mm256_setzero_pd(), s1 = s0;
     for (; i + 8 <= n; i += 8) {
-      const __m256 e = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
       if constexpr (write) _mm256_storeu_ps(x + i, e);
       s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
       s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));

@@ -59,6 +59,12 @@ inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t D
   return s;
 }
 
+// y += a x over D values.
+template <typename acc_t>
+inline void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
 // This thread's scratch of n acc_t values (valid until its next call).
 template <typename acc_t>
 inline acc_t* scratch(int64_t n) {
@@ -118,8 +124,7 @@ struct GradRow {
     total = t.data();
   }
   void add(acc_t a, const acc_t* __restrict x) {
-    acc_t* __restrict y = blk;
-    for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+    axpy(blk, a, x, D);
     if (++n == kBlock) flush();
   }
   void flush() {
