@@ -42,6 +42,61 @@ void report_bad_rows(const NceArgs& a, const bank_t* mem) {
   }
 }
 
+#if INSTDISC_VARIANT_LEVEL >= 1
+// Philox4x32-10 of csrc/philox.h on 4 counters at once, one per 64-bit lane holding a 32-bit word
+// in its low half (_mm256_mul_epu32 reads only those; the high halves carry garbage that never
+// reaches a low half).
+struct Philox4Lanes {
+  __m256i c0, c1, c2, c3;
+  Philox4Lanes(__m256i a, __m256i b, __m256i c, __m256i d) : c0(a), c1(b), c2(c), c3(d) {}
+  void round(__m256i k0, __m256i k1) {
+    const __m256i p0 = _mm256_mul_epu32(c0, _mm256_set1_epi64x(0xD2511F53u));
+    const __m256i p1 = _mm256_mul_epu32(c2, _mm256_set1_epi64x(0xCD9E8D57u));
+    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), k0);
+    c1 = p1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), k1);
+    c3 = p0;
+  }
+  // draw words of the 4 blocks: even[i] = (o0 | o1 << 32), odd[i] = (o2 | o3 << 32)
+  void words(uint64_t* even, uint64_t* odd) const {
+    const __m256i lo = _mm256_set1_epi64x(0xFFFFFFFFll);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(even),
+                        _mm256_or_si256(_mm256_and_si256(c0, lo), _mm256_slli_epi64(c1, 32)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd),
+                        _mm256_or_si256(_mm256_and_si256(c2, lo), _mm256_slli_epi64(c3, 32)));
+  }
+};
+
+// The 16 draw words 2 blk0 .. 2 blk0 + 15 of batch row b (negatives_block of blocks blk0..blk0+7,
+// interleaved: two independent 4-lane streams), in draw order. Equal to the scalar stream (tested
+// against docs/negatives.md's transcription under every capability).
+inline void negatives_block8(uint64_t seed, uint64_t b, uint64_t blk0, uint64_t* w) {
+  const __m256i hi = _mm256_set1_epi64x(static_cast<int64_t>(blk0 >> 32)), blo = _mm256_set1_epi64x(uint32_t(b)),
+                bhi = _mm256_set1_epi64x(uint32_t(b >> 32));
+  // blk0 is a multiple of 8: blocks blk0 .. blk0 + 7 share its high counter word
+  const __m256i base = _mm256_set1_epi64x(uint32_t(blk0));
+  Philox4Lanes x(_mm256_add_epi64(base, _mm256_setr_epi64x(0, 1, 2, 3)), hi, blo, bhi);
+  Philox4Lanes y(_mm256_add_epi64(base, _mm256_setr_epi64x(4, 5, 6, 7)), hi, blo, bhi);
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const __m256i vk0 = _mm256_set1_epi64x(k0), vk1 = _mm256_set1_epi64x(k1);
+    x.round(vk0, vk1);
+    y.round(vk0, vk1);
+  }
+  uint64_t even[8], odd[8];
+  x.words(even, odd);
+  y.words(even + 4, odd + 4);
+  for (int i = 0; i < 8; ++i) {
+    w[2 * i] = even[i];
+    w[2 * i + 1] = odd[i];
+  }
+}
+#endif
+
 // The K+1 bank indices of batch row b: y[b], then the negatives.
 void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
   if (a.idx_full != nullptr) {
@@ -56,7 +111,18 @@ void row_indices(const NceArgs& a, int64_t b, int64_t* out) {
   const uint64_t ub = static_cast<uint64_t>(b);
   const uint64_t range = static_cast<uint64_t>(a.exclude_positive ? a.N - 1 : a.N);
   const int64_t skip = a.exclude_positive ? a.y[b] : std::numeric_limits<int64_t>::max();
-  for (int64_t j = 0; j < a.K; j += 2) {
+  int64_t j = 0;
+#if INSTDISC_VARIANT_LEVEL >= 1
+  for (; j + 16 <= a.K; j += 16) {  // 8 blocks (16 draws) at a time
+    uint64_t w[16];
+    negatives_block8(a.seed, ub, static_cast<uint64_t>(j) >> 1, w);
+    for (int i = 0; i < 16; ++i) {
+      const int64_t v = map_to_range(w[i], range);
+      out[1 + j + i] = v + (v >= skip);
+    }
+  }
+#endif
+  for (; j < a.K; j += 2) {
     const U32x4 o = negatives_block(a.seed, ub, static_cast<uint64_t>(j) >> 1);
     int64_t v = map_to_range(block_word(o, 0), range);
     out[1 + j] = v + (v >= skip);
@@ -93,7 +159,7 @@ void score_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* s
     acc_t* s = scores + b * K1;
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     acc_t* buf8 = rows::scratch<acc_t>(8 * D);
-    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const acc_t* const* v) {
+    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const auto* const* v) {
       rows::dots8(v, n, f, D, s + k0);
       for (int j = 0; j < n; ++j) {
         flag_score(a, b, idx[k0 + j], s[k0 + j]);
@@ -249,7 +315,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
     rows::GradRow<acc_t> gr(D);
     RowLoss row;
     ProductLanes lanes;
-    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const acc_t* const* v) {
+    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const auto* const* v) {
       acc_t s[8], coef[8];
       if (scores != nullptr) {
         for (int j = 0; j < n; ++j) s[j] = scores[b * K1 + k0 + j];
@@ -275,7 +341,7 @@ void nce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, const acc_
           if (grad_probs != nullptr) grad_probs[b * K1 + k] = criterion_dp(k == 0, P, u.c) * inv_b;
         }
       }
-      for (int j = 0; j < n; ++j) gr.add(coef[j], v[j]);
+      gr.add8(coef, v, n);
     });
     lanes.fold(row);
     const double scale = 1.0 / (a.T * a.B);
@@ -373,11 +439,11 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
 
 // InfoNCE: softmax cross-entropy over the K+1 logits t (t_0 the positive's) in one pass, with an
 // online max/sum over the negatives only: m = max_k t_k, ln = sum_k exp(t_k - m) and
-// g = sum_k exp(t_k - m) V_k, rescaled whenever m grows. With M = max(m, t_0), e0 = exp(t_0 - M),
-// Ln = ln exp(m - M) and L = e0 + Ln, the gradient is (g exp(m - M) - Ln V_0) / (L B T): the
-// positive's coefficient p0 - 1 = -Ln / L comes from the negatives' sum, never as 1 minus
-// something close to 1, so it keeps its digits when p0 ~ 1 (the Triton and CUDA kernels do the
-// same). The loss log(L / e0) is log1p(Ln / e0) likewise ((M - t_0) + log L when e0 is tiny).
+// g = sum_k exp(t_k - m) V_k, rescaled when m grows (once per block of 8 rows). With M = max(m, t_0), e0 = exp(t_0 -
+// M), Ln = ln exp(m - M) and L = e0 + Ln, the gradient is (g exp(m - M) - Ln V_0) / (L B T): the positive's coefficient
+// p0 - 1 = -Ln / L comes from the negatives' sum, never as 1 minus something close to 1, so it keeps its digits when p0
+// ~ 1 (the Triton and CUDA kernels do the same). The loss log(L / e0) is log1p(Ln / e0) likewise ((M - t_0) + log L
+// when e0 is tiny).
 template <typename bank_t, typename acc_t>
 void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* grad, double* row_loss) {
   const int64_t K1 = a.K + 1, D = a.D;
@@ -388,23 +454,31 @@ void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t*
     rows::GradRow<acc_t> gr(D);
     acc_t t0 = 0, m = -std::numeric_limits<acc_t>::infinity();
     double ln = 0;
-    for_each_row(mem, a.row_stride, idx, K1, D, buf, [&](int64_t k, const acc_t* v) {
-      const acc_t sk = dot(v, f, D);
-      flag_score(a, b, idx[k], sk);
-      const acc_t t = sk * invT;
-      if (k == 0) {  // the positive: only its logit
-        t0 = t;
-      } else if (t > m) {
-        const acc_t r = std::exp(m - t);
-        ln = ln * r + 1;
-        gr.rescale(static_cast<double>(r));
-        gr.add(acc_t(1), v);
-        m = t;
-      } else {
-        const acc_t e = std::exp(t - m);
-        ln += e;
-        gr.add(e, v);
+    acc_t* buf8 = rows::scratch<acc_t>(8 * D);
+    for_each_row_block(mem, a.row_stride, idx, K1, D, buf8, [&](int64_t k0, int n, const auto* const* v) {
+      acc_t t[8], e[8];
+      rows::dots8(v, n, f, D, t);
+      const int first = k0 == 0 ? 1 : 0;  // the positive (k = 0): only its logit
+      acc_t bm = m;
+      for (int j = 0; j < n; ++j) {
+        flag_score(a, b, idx[k0 + j], t[j]);
+        t[j] *= invT;
+        if (j >= first && t[j] > bm) bm = t[j];
       }
+      if (first) t0 = t[0];
+      if (bm > m) {  // a new running max: rescale the sums once per block
+        const acc_t r = std::exp(m - bm);
+        ln *= r;
+        gr.rescale(static_cast<double>(r));
+        m = bm;
+      }
+      double bsum = 0;
+      for (int j = 0; j < n; ++j) {
+        e[j] = j < first ? acc_t(0) : std::exp(t[j] - m);
+        bsum += e[j];
+      }
+      ln += bsum;
+      gr.add8(e, v, n);
     });
     const double M = std::max(static_cast<double>(m), static_cast<double>(t0));
     const double sn = std::exp(static_cast<double>(m) - M), e0 = std::exp(static_cast<double>(t0) - M);
@@ -494,12 +568,15 @@ void nce_probs_backward_kernel(const bank_t* mem, int64_t rs, const int64_t* ip,
                                const acc_t* probs, const acc_t* grad_probs, double T, acc_t* grad) {
   const acc_t invT = static_cast<acc_t>(1.0 / T);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(D);
     for (int64_t b = begin; b < end; ++b) {
       acc_t* g = grad + b * D;
       rows::GradRow<acc_t> gr(D);
-      for_each_row(mem, rs, ip + b * K1, K1, D, buf.data(),
-                   [&](int64_t k, const acc_t* v) { gr.add(grad_probs[b * K1 + k] * probs[b * K1 + k] * invT, v); });
+      acc_t* buf8 = rows::scratch<acc_t>(8 * D);
+      for_each_row_block(mem, rs, ip + b * K1, K1, D, buf8, [&](int64_t k0, int n, const auto* const* v) {
+        acc_t c[8];
+        for (int j = 0; j < n; ++j) c[j] = grad_probs[b * K1 + k0 + j] * probs[b * K1 + k0 + j] * invT;
+        gr.add8(c, v, n);
+      });
       const double* w = gr.sum();
       for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(w[d]);
     }

@@ -5,8 +5,9 @@ the best capability the CPU supports, capped by INSTDISC_CPU_CAPABILITY. Each ca
 a subprocess with the variable set: the extension must import there, report the capability, and
 nce_forward (NCE and InfoNCE), the NCEAverage ops, bank_update_, knn_topk and the shared
 negatives' tile epilogues must match the float64 oracle (instdisc_kernels/reference.py) on small
-odd shapes. "default" is the baseline (SSE2) build, which every x86-64 CPU runs. The child loads only torch, the extension and the
-oracle module (a few seconds), not the whole package.
+odd shapes, and the in-kernel negatives the documented stream (docs/negatives.md). "default" is
+the baseline (SSE2) build, which every x86-64 CPU runs. The child loads only torch, the extension,
+the oracle module and python_tests/helpers (a few seconds), not the whole package.
 """
 import functools
 import glob
@@ -150,6 +151,8 @@ def _child(checks=True):
             checked += 1
     from helpers.tile_epilogues import check_tile_epilogues
     checked += check_tile_epilogues(ops)      # the shared negatives' tile epilogues
+    from helpers.negative_stream import check_negative_stream
+    checked += check_negative_stream(ops)     # the in-kernel negatives against docs/negatives.md
     print(json.dumps({"capability": ops.cpu_capability(), "checked": checked}))
 
 
