@@ -96,6 +96,7 @@ SHAPES = [  # B, K, D, N
     (3, 256, 129, 300),
     (64, 7, 129, 50),
     (1, 256, 100, 20),
+    (5, 23, 3, 40),          # D < 8: full blocks of 8 rows narrower than one AVX2 vector
 ]
 
 
@@ -140,8 +141,9 @@ def test_forward_matches_oracle(B, K, D, N, mode):
     (torch.float16, torch.float64),
 ])
 @pytest.mark.parametrize("mode", ["nce_estimate_z", "infonce_proximal"])
-def test_forward_dtypes(bank_dtype, feat_dtype, mode):
-    F, mem, y, neg = _problem(5, 33, 129, 60, seed=3, bank_dtype=bank_dtype, feat_dtype=feat_dtype)
+@pytest.mark.parametrize("D", [129, 5])      # bf16/fp16 rows widened in registers: a tail, and D < 8
+def test_forward_dtypes(bank_dtype, feat_dtype, mode, D):
+    F, mem, y, neg = _problem(5, 33, D, 60, seed=3, bank_dtype=bank_dtype, feat_dtype=feat_dtype)
     _check_forward(F, mem, y, neg, mode)
 
 
