@@ -63,8 +63,8 @@ def pytest_generate_tests(metafunc):
         keep = {b.strip() for b in backends.split(",")}
         extra = [f"fused-{b.strip()}" for b in backends.split(",")
                  if f"fused-{b.strip()}" not in bench_cases.op_providers(op, dev)]
-        params = [(c, p) for c, p in params
-                  if p in ("eager", "compile") or bench_cases.split_provider(p)[0] in keep]
+        params = [(c, p) for c, p in params    # eager, compile and the peers stay
+                  if not p.startswith("fused-") or bench_cases.split_provider(p)[0] in keep]
         params = _insert_after_eager(params, extra)
     # the case travels as its id (a JSON-friendly benchmark param); the `case` fixture looks it up
     metafunc.parametrize("case_id,provider", [pytest.param(c.id, p, id=f"{c.id}-{p}") for c, p in params])

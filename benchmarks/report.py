@@ -39,7 +39,7 @@ PEER_TARGETS = [
      ("N1281167-Q1000-k200-C1000-D128-fp32", "N1281167-Q1000-k200-C1000-D128-fp32-clustered"), "fused-cpu",
      "vs_peer", 3.0),
     ("exact softmax, N=1.28M, B=256 vs linear_cross_entropy", "cpu", "softmax",
-     ("N1281167-B256-D128-fp32",), "fused-eager", "vs_peer", 20.0),
+     ("N1281167-B256-D128-fp32",), "fused-cpu", "vs_peer", 20.0),
     ("shared-negative NCE at the rate of torch.mm of the same shapes (0.7 = 70%)", "cpu", "nce_shared",
      ("N50000-B256-K4096-D128-fp32", "N50000-B256-K65536-D128-fp32"), "fused-cpu", "vs_peer", 0.7),
 ]
@@ -58,10 +58,10 @@ LIMIT_TARGETS = [
      ("N50000-Q10000-k200-C10-D128-fp32", "N50000-Q10000-k200-C10-D128-fp32-clustered",
       "N1281167-Q1000-k200-C1000-D128-fp32", "N1281167-Q1000-k200-C1000-D128-fp32-clustered"),
      "fused-cpu", "pct_of_gemm", 60.0),
-    ("exact softmax fp32 at the fp32 GEMM rate", "cpu", "softmax", ("N1281167-B256-D128-fp32",), "fused-eager",
+    ("exact softmax fp32 at the fp32 GEMM rate", "cpu", "softmax", ("N1281167-B256-D128-fp32",), "fused-cpu",
      "pct_of_gemm", 75.0),
     ("exact softmax bf16 precision at the bf16 GEMM rate", "cpu", "softmax", ("N1281167-B256-D128-fp32",),
-     "fused-eager+bf16", "pct_of_gemm", 70.0),
+     "fused-cpu+bf16", "pct_of_gemm", 70.0),
     ("NCE at the embedding_bag rate over its rows", "cpu", "nce",
      ("N50000-B256-K4096-D128-fp32", "N1281167-B256-K4096-D128-fp32", "N50000-B256-K4096-D128-bf16"),
      "fused-cpu", "pct_of_embag", 60.0),
@@ -116,10 +116,10 @@ peer's time (FAISS for kNN and the search, linear_cross_entropy for the softmax)
 provider's, same case, same run.
 Providers: `eager` (lemniscate-style baseline, benchmarks/bench_baselines.py),
 `fused-<backend>` (this library on that backend, docs/backends.md, `validate=False`; an op
-without a kernel for the device's backend runs its `eager` backend, for the softmax the
-chunked torch pass; the shared negatives' `fused-cpu` is ATen's GEMMs with the C++ tile
-epilogues; `+bf16`: the softmax and the shared negatives with `precision="bf16"`, bf16
-products with fp32 accumulation, against the default fp32 products), `faiss` (faiss-cpu
+without a kernel for the device's backend runs its `eager` backend; the softmax's and the
+shared negatives' `fused-cpu` are ATen's GEMMs with the C++ tile epilogues; `+bf16`: the
+softmax and the shared negatives with `precision="bf16"`, bf16 products with fp32 accumulation,
+against the default fp32 products), `faiss` (faiss-cpu
 `IndexFlatIP`, the add + search + the same vote; the search alone for knn_search),
 `torch-lce` (`linear_cross_entropy` with `LinearCrossEntropyOptions()`,
 gradient to the features, the eager update), `embedding_bag` (the gather probe; see

@@ -108,14 +108,11 @@ class Impl:
 class OpTable:
     """An op's implementations, declared once: backend name -> Impl ("eager" is required)."""
 
-    def __init__(self, op: str, *, renamed: dict[str, str] | None = None, **impls: Impl):
-        """renamed: backend names this op used to give another implementation (old -> new),
-        accepted for one release with a DeprecationWarning (e.g. the softmax's chunked ATen
-        path was its "cpu" backend and is now "eager")."""
+    def __init__(self, op: str, **impls: Impl):
         unknown = set(impls) - set(BACKENDS[1:])
         if unknown or "eager" not in impls:
             raise ValueError(f"{op}: backends must include 'eager' and be among {BACKENDS[1:]}, got {sorted(impls)}")
-        self.op, self.impls, self.renamed = op, impls, dict(renamed or {})
+        self.op, self.impls = op, impls
 
     def __getitem__(self, backend: str):
         return self.impls[backend].fn
@@ -124,7 +121,6 @@ class OpTable:
         return select(self, backend, device, op=op)
 
     def available(self, backend: str, device: torch.device) -> bool:
-        backend = self.renamed.get(backend, backend)
         return backend in self.impls and missing(self, backend, device) is None
 
 
@@ -201,12 +197,6 @@ def select(table: OpTable, backend: str, device: torch.device, op: str | None = 
     op has "eager"); a named backend the op cannot run there is a ValueError naming the op,
     the backend, the device and what is needed. ``op`` overrides the op's name in messages."""
     name = canonical(backend)
-    if name in table.renamed:
-        new = table.renamed[name]
-        warnings.warn(f"backend={name!r} for {op or table.op} is deprecated and will be removed in the next "
-                      f"release: this op has no {KIND[name]}; {name!r} ran its {KIND[new]}, which is now "
-                      f"backend={new!r}", DeprecationWarning, stacklevel=_user_stacklevel())
-        name = new
     if name == "auto":
         for cand in auto_order(device):
             impl = table.impls.get(cand)

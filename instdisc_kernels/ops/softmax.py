@@ -36,9 +36,14 @@ Implementations (TABLE below; docs/backends.md):
   "eager"  -> instdisc::softmax_forward_chunked: the recurrence above with
               ATen matmuls (oneDNN on CPU, bf16 products use AVX512-BF16/AMX when
               the CPU has them; cuBLAS on CUDA); any device. "auto" picks it on
-              CPU and on CUDA without Triton.
+              CUDA without Triton, and on CPU when the extension is not built.
+  "cpu"    -> instdisc::softmax_forward_cpu (what "auto" picks on CPU): the same
+              chunks and ATen matmuls, with each chunk's max / exp / row-sum /
+              rescale one C++ pass over the B x chunk block while it is in cache
+              (instdisc::nce_shared_tile_softmax_, AVX2 exp), instead of five ATen
+              passes.
   "triton" -> instdisc::softmax_forward_triton (ops/softmax_triton.py).
-  No C++ kernel ("cpu", "cuda"). ``forward_full`` below builds the full B x N
+  No CUDA C++ kernel. ``forward_full`` below builds the full B x N
   logits the way plain eager code does (tests cross-check against it; not a backend).
 
 precision (the chunk products; every reduction, exp and sum stays fp32):
@@ -106,12 +111,14 @@ def bf16_error_bound(features, memory, temperature):
 # --------------------------------------------------------------------------- #
 # Chunked ATen implementation ("eager" backend)                                #
 # --------------------------------------------------------------------------- #
-def forward_chunked(features, memory, indices, temperature, precision="fp32", chunk_size=0, proximal=0.0):
-    """(loss, grad_features): one streaming pass with an online log-sum-exp."""
+def forward_chunked(features, memory, indices, temperature, precision="fp32", chunk_size=0, proximal=0.0,
+                    fused=False):
+    """(loss, grad_features): one streaming pass with an online log-sum-exp; fused: each chunk's
+    softmax step is the C++ one-pass tile op (csrc/cpu/nce_shared.cpp; CPU)."""
     acc = opmath(features.dtype)
     B = features.shape[0]
     F = features.to(acc)
-    m, l, A = online_state(F, memory, temperature, precision, chunk_size)
+    m, l, A = online_state(F, memory, temperature, precision, chunk_size, fused)
     Vy = memory[indices].to(acc)
     pos = (F * Vy).sum(1) / temperature
     loss = (m + torch.log(l) - pos).mean()
@@ -119,10 +126,13 @@ def forward_chunked(features, memory, indices, temperature, precision="fp32", ch
     return add_proximal(loss, grad, F, Vy, proximal)
 
 
-def online_state(F, memory, temperature, precision="fp32", chunk_size=0):
+def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=False):
     """(m, l, A) after one streaming pass over the bank rows ``memory``, with S = F V^T / T:
     m[b] = max_j S[b,j], l[b] = sum_j exp(S[b,j] - m[b]), A[b] = sum_j exp(S[b,j] - m[b]) V[j]
-    (F already in the op's dtype). The sharded bank merges these across shards.
+    (F already in the op's dtype). The sharded bank merges these across shards. fused (CPU): the
+    max, exp, row sums and rescale of each chunk are one C++ pass over the B x chunk block
+    (instdisc::nce_shared_tile_softmax_, the shared negatives' InfoNCE step) instead of five ATen
+    passes.
 
     Every per-chunk block lives in buffers allocated once per call (``out=`` and
     in-place ops): fresh B x chunk allocations per chunk would page-fault anew
@@ -164,12 +174,16 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0):
             S.copy_(Sl)
         else:
             torch.mm(Fs, Vc.t(), out=S)
-        torch.amax(S, 1, out=m_new)
-        torch.maximum(m, m_new, out=m_new)
-        scale = m.sub_(m_new).exp_()                        # exp(m_old - m_new); 0 on the first chunk
-        S.sub_(m_new[:, None]).exp_()                       # in place: no second B x chunk block
-        torch.sum(S, 1, out=rowsum)
-        l.mul_(scale).add_(rowsum)
+        if fused:                                           # m, l updated in place; S <- exp(S - m_new)
+            scale = torch.ops.instdisc.nce_shared_tile_softmax_(S, m, l)
+        else:
+            torch.amax(S, 1, out=m_new)
+            torch.maximum(m, m_new, out=m_new)
+            scale = m.sub_(m_new).exp_()                    # exp(m_old - m_new); 0 on the first chunk
+            S.sub_(m_new[:, None]).exp_()                   # in place: no second B x chunk block
+            torch.sum(S, 1, out=rowsum)
+            l.mul_(scale).add_(rowsum)
+            m, m_new = m_new, m                             # swap buffers: m holds the new max
         A.mul_(scale[:, None])
         if low:
             Sl.copy_(S)
@@ -177,7 +191,6 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0):
             A.add_(pv)
         else:
             A.addmm_(S, Vc)
-        m, m_new = m_new, m                                 # swap buffers: m holds the new max
     return m, l, A
 
 
@@ -207,6 +220,14 @@ def softmax_forward_chunked(features: torch.Tensor, memory: torch.Tensor, indice
     return forward_chunked(features, memory, indices, temperature, precision, chunk_size, proximal)
 
 
+@torch.library.custom_op("instdisc::softmax_forward_cpu", mutates_args=())
+def softmax_forward_cpu(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor,
+                        temperature: float, precision: str, chunk_size: int, proximal: float = 0.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_chunked with each chunk's softmax step in C++ (csrc/cpu/nce_shared.cpp)."""
+    return forward_chunked(features, memory, indices, temperature, precision, chunk_size, proximal, fused=True)
+
+
 def _forward_fake(features, memory, indices, temperature, precision, chunk_size, proximal=0.0):
     acc = opmath(features.dtype)
     return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
@@ -217,6 +238,7 @@ def _register(opname):
 
 
 _register("instdisc::softmax_forward_chunked")
+_register("instdisc::softmax_forward_cpu")
 try:
     from . import softmax_triton  # noqa: F401  (defines instdisc::softmax_forward_triton)
 except ImportError:
@@ -226,8 +248,10 @@ if _backend.op_handle("softmax_forward_triton") is not None:
 
 TABLE = _backend.OpTable(
     "nonparametric_softmax_loss",
-    renamed={"cpu": "eager"},     # the chunked ATen path was "cpu" before the one vocabulary
     eager=_backend.Impl(torch.ops.instdisc.softmax_forward_chunked, "ops/softmax.py forward_chunked"),
+    cpu=_backend.Impl(torch.ops.instdisc.softmax_forward_cpu,
+                      "ops/softmax.py forward_chunked + csrc/cpu/nce_shared.cpp tile softmax step",
+                      dispatch="nce_shared_tile_softmax_"),
     triton=_backend.Impl(_backend.op_handle("softmax_forward_triton"), "ops/softmax_triton.py forward_triton",
                          triton=True),
 )

@@ -126,7 +126,7 @@ OPS = {
     "nce": (nce.TABLE, "nce_loss", _nce, _nce_oracle, "cpu" if HAS_CPP else "eager"),
     "nce_shared": (nce_shared.TABLE, "nce_loss(negatives='shared')", _shared, _shared_oracle,
                    "cpu" if HAS_CPP else "eager"),
-    "softmax": (softmax.TABLE, "nonparametric_softmax_loss", _softmax, _softmax_oracle, "eager"),
+    "softmax": (softmax.TABLE, "nonparametric_softmax_loss", _softmax, _softmax_oracle, "cpu" if HAS_CPP else "eager"),
     "nce_probs": (nce_probs.TABLE, "NCEAverage", _probs, _probs_oracle, "cpu" if HAS_CPP else "eager"),
     "knn": (knn.TABLE, "knn_predict", _knn, _knn_oracle, "cpu" if knn._CPU_SIMD else "eager"),
     "knn_search": (knn.TABLE, "knn_search", _search, _search_oracle, "cpu" if knn._CPU_SIMD else "eager"),
@@ -152,8 +152,7 @@ def chosen(monkeypatch):
 def test_auto_on_cpu(op, chosen):
     table, _, run, _, want = OPS[op]
     assert table.select("auto", CPU) == want
-    # the softmax (no C++ kernel) and the kNN without AVX512-BF16 run eager;
-    # every op with a C++ kernel picks it ("cpu")
+    # the kNN without AVX512-BF16 runs eager; every other op with a C++ kernel picks it ("cpu")
     assert want == ("cpu" if "cpu" in table.impls and table.impls["cpu"].auto and HAS_CPP else "eager")
     chosen.clear()
     run("auto")
@@ -305,16 +304,13 @@ def test_modules_warn_once_at_construction_and_store_eager():
         ik.InstDiscLoss(N, D, backend="fused")
 
 
-@pytest.mark.parametrize("op", ["softmax"])
-def test_cpu_for_an_op_without_a_cpp_kernel_is_its_deprecated_eager(op):
-    # the softmax called its chunked ATen path "cpu" before the one vocabulary: accepted for one
-    # release, with a warning saying what ran (the shared negatives had the same alias until their
-    # C++ tile epilogues became the "cpu" backend)
+def test_softmax_cpu_backend_is_the_cpp_tile_step_and_auto_picks_it():
+    # the softmax's "cpu" backend (its chunks' softmax step in C++) once aliased its chunked ATen
+    # path with a DeprecationWarning; it is a backend of its own now, which "auto" picks on CPU
     mem, x, y, neg = _problem()
-    run = {"softmax": lambda be: ik.nonparametric_softmax_loss(x, mem.clone(), y, backend=be)}[op]
-    with pytest.warns(DeprecationWarning, match=r"backend='cpu' .* is deprecated.*now backend='eager'") as rec:
-        got = run("cpu")
-    assert rec[0].filename == __file__
-    assert torch.equal(got, run("eager"))
-    table = {"softmax": softmax.TABLE}[op]
-    assert table.available("cpu", CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        got = ik.nonparametric_softmax_loss(x, mem.clone(), y, backend="cpu")
+    want = ik.nonparametric_softmax_loss(x, mem.clone(), y, backend="eager")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert softmax.TABLE.select("auto", CPU) == ("cpu" if HAS_CPP else "eager")

@@ -4,18 +4,28 @@ import pytest
 import torch
 
 from helpers.alloc import AllocTracker
-from instdisc_kernels import nonparametric_softmax_loss
+from instdisc_kernels import _backend, nonparametric_softmax_loss
 from instdisc_kernels import reference as R
 from instdisc_kernels.ops import _formulas
 from instdisc_kernels.ops import softmax as S
 from instdisc_kernels.ops import softmax_triton as ST
 
 T = 0.07
-BACKENDS = ["full", "eager", "triton"]   # IMPLS keys: "full" is the B x N cross-check
-PUBLIC = ["eager", "triton"]
+BACKENDS = ["full", "eager", "cpu", "triton"]   # IMPLS keys: "full" is the B x N cross-check
+PUBLIC = ["eager", "cpu", "triton"]
+
+
+def _cpu(F, V, y, t, prec, chunk):
+    """the cpu backend: the chunks' softmax step in C++ (needs the extension)."""
+    if not _backend.has_kernel("nce_shared_tile_softmax_", "CPU"):
+        pytest.skip("the C++ extension instdisc_kernels._C is not built (the softmax's cpu backend)")
+    return S.forward_chunked(F, V, y, t, prec, chunk, fused=True)
+
+
 IMPLS = {
     "full": lambda F, V, y, t, prec, chunk: S.forward_full(F, V, y, t, prec),
     "eager": S.forward_chunked,
+    "cpu": _cpu,
     "triton": ST.forward_triton,
 }
 
@@ -112,7 +122,7 @@ def test_large_logits_are_stable():
 # --------------------------------------------------------------------------- #
 # bf16 chunk products: the documented bound                                    #
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("backend,native", [(b, True) for b in BACKENDS] + [("eager", False)])
+@pytest.mark.parametrize("backend,native", [(b, True) for b in BACKENDS] + [("eager", False), ("cpu", False)])
 @pytest.mark.parametrize("noise", [0.05, 0.5, 10.0])
 def test_bf16_within_documented_bound(backend, native, noise, monkeypatch):
     # native: bf16 GEMMs (GPU, AVX512-BF16/AMX CPUs); else (the chunked CPU pass) bf16-valued
@@ -198,14 +208,14 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(f, (x,))
 
 
-@pytest.mark.parametrize("op", ["softmax_forward_chunked", "softmax_forward_triton"])
+@pytest.mark.parametrize("op", ["softmax_forward_chunked", "softmax_forward_cpu", "softmax_forward_triton"])
 def test_opcheck(op):
     F, V, y = _data(3, 40, 16)
     x = F.clone().requires_grad_()
     torch.library.opcheck(getattr(torch.ops.instdisc, op), (x, V, y, T, "fp32", 16))
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "cpu", "triton"])
 def test_compile_fullgraph(backend):
     F, V, y = _data(4, 60, 16)
     V2 = V.clone()
@@ -226,7 +236,8 @@ def test_compile_fullgraph(backend):
 # --------------------------------------------------------------------------- #
 # Memory: never a B x N tensor                                                 #
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("backend,prec,chunk", [("eager", "fp32", 128), ("eager", "bf16", 128), ("triton", "fp32", 1024)])
+@pytest.mark.parametrize("backend,prec,chunk", [("eager", "fp32", 128), ("eager", "bf16", 128), ("cpu", "fp32", 128),
+                                               ("triton", "fp32", 1024)])
 def test_never_allocates_b_by_n(backend, prec, chunk):
     # Triton: chunk = bank rows per program; the partials are splits x B x D floats
     B, N, D = 16, 4096, 32

@@ -8,7 +8,7 @@ import instdisc_kernels as ik
 from instdisc_kernels import nonparametric_softmax_loss
 from instdisc_kernels import reference as R
 
-BACKENDS = ["eager", "triton"]       # triton: the interpreter on CPU tensors (conftest)
+BACKENDS = ["eager", "cpu", "triton"]   # triton: the interpreter on CPU tensors (conftest)
 LAMBDAS = [0.0, 0.5, 30.0]
 T = 0.1
 # per feature dtype: (loss, gradient) tolerance, relative to max(1, |oracle|) and to the largest gradient
