@@ -21,6 +21,7 @@ import bench_measure
 import bench_ops
 import bench_peers
 import pytest
+import report
 import torch
 
 PROBE_BYTES = {"smoke": 16 << 20, "default": 1 << 30, "full": 1 << 30}
@@ -174,7 +175,7 @@ class BenchSession:
         gbps = bench_cases.bank_bytes(case) / t / 1e9
         eager = self.eager_time.get(key)
         flops = bench_cases.flops(case)
-        gemm_dt = gemm_dtype(case, provider)
+        gemm_dt = report.gemm_rate_dtype(gemm_dtype(case, provider) == "bf16", self.probe["gemm_gflops"])
         gemm = self.probe["gemm_gflops"][gemm_dt]
         info = dict(time_median_s=t, gbps=gbps, probe_kind=f"{kind}{row_bytes if kind == 'gather' else ''}",
                     probe_gbps=probe, pct_of_probe=100.0 * gbps / probe,

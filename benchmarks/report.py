@@ -149,7 +149,25 @@ def load(path):
     meta["path"] = path
     meta["device_type"] = meta.get("device", "cpu").split(":")[0]
     _ratios(rows)
+    _gemm_fractions(rows, (meta.get("probe") or {}).get("gemm_gflops") or {})
     return meta, rows
+
+
+def gemm_rate_dtype(wants_bf16, rates):
+    """The square-GEMM rate a compute-bound row is held against: bf16 when the row multiplies in
+    bf16 and bf16 is the machine's faster GEMM, else fp32. Without native bf16 GEMMs (no
+    AVX512-BF16/AMX, e.g. AVX2) ATen's bf16 matmul is a slow fallback and the library multiplies
+    the bf16-rounded operands in fp32 (ops/_formulas.py), so fp32 is the limit there."""
+    return "bf16" if wants_bf16 and rates.get("bf16", 0) > rates.get("fp32", 0) else "fp32"
+
+
+def _gemm_fractions(rows, rates):
+    """% GEMM recomputed from each row's GFLOP/s and the run's rates, by gemm_rate_dtype."""
+    for r in rows:
+        if r.get("gflops") is None or not rates:
+            continue
+        dt = gemm_rate_dtype(r.get("gemm_dtype") == "bf16", rates)
+        r["gemm_dtype"], r["pct_of_gemm"] = dt, 100.0 * r["gflops"] / rates[dt]
 
 
 def _ratios(rows):
@@ -191,8 +209,11 @@ def header(meta):
         lines.append(f"* bandwidth probe ({probe.get('bytes', 0) >> 20} MiB): streaming read "
                      f"{probe.get('read_gbps', 0):.1f} GB/s; random-row gather {gat} GB/s")
     if probe.get("gemm_gflops"):
-        gm = ", ".join(f"{k} {v:.0f}" for k, v in probe["gemm_gflops"].items())
-        lines.append(f"* square-GEMM rate ({probe.get('gemm_n')}^3 torch.mm, same run): {gm} GFLOP/s")
+        rates = probe["gemm_gflops"]
+        gm = ", ".join(f"{k} {v:.3g}" for k, v in rates.items())
+        slow = "" if gemm_rate_dtype(True, rates) == "bf16" else (
+            " (no native bf16 GEMM here: the bf16 rows are held against the fp32 rate, see gemm_rate_dtype)")
+        lines.append(f"* square-GEMM rate ({probe.get('gemm_n')}^3 torch.mm, same run): {gm} GFLOP/s{slow}")
     return "\n".join(lines)
 
 
