@@ -89,7 +89,7 @@ from . import _saved_grad
 from ._formulas import EPS, nce_negative, nce_positive, opmath, product_operand, proximal_terms
 from .bank_update import backend_after_loss
 from .nce import LOSS_TYPES, draw_negatives, finish_step
-from .softmax import PRECISIONS, default_chunk_size
+from .softmax import PRECISIONS, default_chunk_size, softmax_step
 
 LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
 
@@ -261,17 +261,7 @@ class _Tiles:
     def softmax_step(self, S, m, l, work):
         """InfoNCE's online softmax over one tile: per row M' = max(m, max S), S <- exp(S - M'),
         l <- l exp(m - M') + sum S, m <- M'; returns exp(m_old - M') (B,). work: two (B,) buffers."""
-        if self.fused:
-            return torch.ops.instdisc.nce_shared_tile_softmax_(S, m, l)
-        rowmax, rowsum = work
-        torch.amax(S, 1, out=rowmax)
-        torch.maximum(m, rowmax, out=rowmax)
-        scale = torch.sub(m, rowmax).exp_()
-        S.sub_(rowmax[:, None]).exp_()
-        torch.sum(S, 1, out=rowsum)
-        l.mul_(scale).add_(rowsum)
-        m.copy_(rowmax)
-        return scale
+        return softmax_step(S, m, l, work, self.fused)
 
     def accumulate(self, A, W, Gc):
         """A += W @ G_c (W rounded to the product dtype)."""

@@ -126,13 +126,29 @@ def forward_chunked(features, memory, indices, temperature, precision="fp32", ch
     return add_proximal(loss, grad, F, Vy, proximal)
 
 
+def softmax_step(S, m, l, work, fused=False):
+    """One chunk of the online softmax, in place: per row M' = max(m, max S), S <- exp(S - M'),
+    l <- l exp(m - M') + sum S, m <- M'; returns exp(m_old - M') (B,), 0 on the first chunk.
+    work: two (B,) buffers. fused (CPU): one C++ pass over S (instdisc::nce_shared_tile_softmax_)
+    instead of five ATen passes. Also the shared negatives' InfoNCE step (ops/nce_shared.py)."""
+    if fused:
+        return torch.ops.instdisc.nce_shared_tile_softmax_(S, m, l)
+    rowmax, rowsum = work
+    torch.amax(S, 1, out=rowmax)
+    torch.maximum(m, rowmax, out=rowmax)
+    scale = torch.sub(m, rowmax).exp_()
+    S.sub_(rowmax[:, None]).exp_()                  # in place: no second B x chunk block
+    torch.sum(S, 1, out=rowsum)
+    l.mul_(scale).add_(rowsum)
+    m.copy_(rowmax)
+    return scale
+
+
 def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=False):
     """(m, l, A) after one streaming pass over the bank rows ``memory``, with S = F V^T / T:
     m[b] = max_j S[b,j], l[b] = sum_j exp(S[b,j] - m[b]), A[b] = sum_j exp(S[b,j] - m[b]) V[j]
-    (F already in the op's dtype). The sharded bank merges these across shards. fused (CPU): the
-    max, exp, row sums and rescale of each chunk are one C++ pass over the B x chunk block
-    (instdisc::nce_shared_tile_softmax_, the shared negatives' InfoNCE step) instead of five ATen
-    passes.
+    (F already in the op's dtype). The sharded bank merges these across shards. fused (CPU): each
+    chunk's softmax_step is one C++ pass over the B x chunk block.
 
     Every per-chunk block lives in buffers allocated once per call (``out=`` and
     in-place ops): fresh B x chunk allocations per chunk would page-fault anew
@@ -150,8 +166,7 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=F
     l = torch.zeros(B, dtype=acc, device=dev)
     A = torch.zeros(B, D, dtype=acc, device=dev)
     s_buf = torch.empty(B * chunk, dtype=acc, device=dev)            # logits, then weights
-    m_new = torch.empty(B, dtype=acc, device=dev)
-    rowsum = torch.empty(B, dtype=acc, device=dev)
+    work = (torch.empty(B, dtype=acc, device=dev), torch.empty(B, dtype=acc, device=dev))
     low = cd != acc
     if low:
         lo_buf = torch.empty(B * chunk, dtype=cd, device=dev)        # bf16 products / weights
@@ -174,16 +189,7 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=F
             S.copy_(Sl)
         else:
             torch.mm(Fs, Vc.t(), out=S)
-        if fused:                                           # m, l updated in place; S <- exp(S - m_new)
-            scale = torch.ops.instdisc.nce_shared_tile_softmax_(S, m, l)
-        else:
-            torch.amax(S, 1, out=m_new)
-            torch.maximum(m, m_new, out=m_new)
-            scale = m.sub_(m_new).exp_()                    # exp(m_old - m_new); 0 on the first chunk
-            S.sub_(m_new[:, None]).exp_()                   # in place: no second B x chunk block
-            torch.sum(S, 1, out=rowsum)
-            l.mul_(scale).add_(rowsum)
-            m, m_new = m_new, m                             # swap buffers: m holds the new max
+        scale = softmax_step(S, m, l, work, fused)
         A.mul_(scale[:, None])
         if low:
             Sl.copy_(S)
