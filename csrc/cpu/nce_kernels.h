@@ -439,11 +439,12 @@ void nce_pass_row_order(const NceArgs& a, const bank_t* mem, const acc_t* feat, 
 
 // InfoNCE: softmax cross-entropy over the K+1 logits t (t_0 the positive's) in one pass, with an
 // online max/sum over the negatives only: m = max_k t_k, ln = sum_k exp(t_k - m) and
-// g = sum_k exp(t_k - m) V_k, rescaled when m grows (once per block of 8 rows). With M = max(m, t_0), e0 = exp(t_0 -
-// M), Ln = ln exp(m - M) and L = e0 + Ln, the gradient is (g exp(m - M) - Ln V_0) / (L B T): the positive's coefficient
-// p0 - 1 = -Ln / L comes from the negatives' sum, never as 1 minus something close to 1, so it keeps its digits when p0
-// ~ 1 (the Triton and CUDA kernels do the same). The loss log(L / e0) is log1p(Ln / e0) likewise ((M - t_0) + log L
-// when e0 is tiny).
+// g = sum_k exp(t_k - m) V_k, rescaled when m grows (once per block of 8 rows). With
+// M = max(m, t_0), e0 = exp(t_0 - M), Ln = ln exp(m - M) and L = e0 + Ln, the gradient is
+// (g exp(m - M) - Ln V_0) / (L B T): the positive's coefficient p0 - 1 = -Ln / L comes from the
+// negatives' sum, never as 1 minus something close to 1, so it keeps its digits when p0 ~ 1 (the
+// Triton and CUDA kernels do the same). The loss log(L / e0) is log1p(Ln / e0) likewise
+// ((M - t_0) + log L when e0 is tiny).
 template <typename bank_t, typename acc_t>
 void infonce_pass(const NceArgs& a, const bank_t* mem, const acc_t* feat, acc_t* grad, double* row_loss) {
   const int64_t K1 = a.K + 1, D = a.D;

@@ -12,6 +12,16 @@ inline int64_t rows_ahead(int64_t row_bytes) {
   return std::clamp<int64_t>(8192 / std::max<int64_t>(row_bytes, 1), 4, 64);
 }
 
+// One bank value as acc_t.
+template <typename acc_t, typename row_t>
+inline acc_t wide(row_t x) {
+  if constexpr (std::is_floating_point_v<row_t>) {
+    return static_cast<acc_t>(x);
+  } else {  // bf16, fp16: through float
+    return static_cast<acc_t>(static_cast<float>(x));
+  }
+}
+
 // Widen n bank values to the accumulation type.
 template <typename bank_t, typename acc_t>
 inline void widen(const bank_t* __restrict src, acc_t* __restrict dst, int64_t n) {
@@ -30,17 +40,7 @@ inline void widen(const bank_t* __restrict src, acc_t* __restrict dst, int64_t n
 #endif
     for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
   } else {
-    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(static_cast<float>(src[d]));
-  }
-}
-
-// One bank value as acc_t.
-template <typename acc_t, typename row_t>
-inline acc_t wide(row_t x) {
-  if constexpr (std::is_floating_point_v<row_t>) {
-    return static_cast<acc_t>(x);
-  } else {  // bf16, fp16: through float
-    return static_cast<acc_t>(static_cast<float>(x));
+    for (int64_t d = 0; d < n; ++d) dst[d] = wide<acc_t>(src[d]);
   }
 }
 
@@ -75,17 +75,18 @@ inline const acc_t* as_acc(const bank_t* row, acc_t* buf, int64_t D) {
   }
 }
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t D) {
+// a . b for a row a (acc_t, or a bank row widened value by value) and acc_t values b.
+template <typename acc_t, typename row_t>
+inline acc_t dot(const row_t* __restrict a, const acc_t* __restrict b, int64_t D) {
   constexpr int L = 64 / sizeof(acc_t);  // independent partial sums: one or two vectors
   acc_t p[L] = {};
   int64_t d = 0;
   for (; d + L <= D; d += L)
-    for (int j = 0; j < L; ++j) p[j] += a[d + j] * b[d + j];
+    for (int j = 0; j < L; ++j) p[j] += wide<acc_t>(a[d + j]) * b[d + j];
   for (int w = L / 2; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) p[j] += p[j + w];
   acc_t s = p[0];
-  for (; d < D; ++d) s += a[d] * b[d];
+  for (; d < D; ++d) s += wide<acc_t>(a[d]) * b[d];
   return s;
 }
 
@@ -111,7 +112,7 @@ template <typename acc_t, typename row_t>
 inline void dots8(const row_t* const* v, int n, const acc_t* __restrict f, int64_t D, acc_t* out) {
 #if INSTDISC_VARIANT_LEVEL >= 1
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (n == 8 && D >= 8) {
+    if (n == 8) {
       __m256 acc[8];
       for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
       int64_t d = 0;
@@ -130,15 +131,7 @@ inline void dots8(const row_t* const* v, int n, const acc_t* __restrict f, int64
     }
   }
 #endif
-  for (int r = 0; r < n; ++r) {
-    if constexpr (std::is_same_v<row_t, acc_t>) {
-      out[r] = dot(v[r], f, D);
-    } else {
-      acc_t s = 0;
-      for (int64_t d = 0; d < D; ++d) s += wide<acc_t>(v[r][d]) * f[d];
-      out[r] = s;
-    }
-  }
+  for (int r = 0; r < n; ++r) out[r] = dot(v[r], f, D);
 }
 
 // A gradient row, the sum of a * x over K+1 bank rows x: summed in acc_t over blocks of kBlock
