@@ -303,6 +303,21 @@ def test_validation_errors_leave_bank_unchanged():
         assert torch.equal(bank, before)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_bank_row_is_named_and_the_bank_left_bit_for_bit(backend, bad):
+    # the worst bank a resumed run can hand the softmax: one corrupt row among finite ones
+    if backend == "cpu" and not _backend.has_kernel("nce_shared_tile_softmax_", "CPU"):
+        pytest.skip("the C++ extension instdisc_kernels._C is not built (the softmax's cpu backend)")
+    F, V, y = _data(4, 50, 16)
+    V[7, 3] = bad
+    before = V.clone()
+    x = F.clone().requires_grad_()
+    with pytest.raises(ValueError, match="memory row 7 contains NaN or inf"):
+        nonparametric_softmax_loss(x, V, y, backend=backend)
+    assert torch.equal(V.view(torch.int32), before.view(torch.int32))
+
+
 # --------------------------------------------------------------------------- #
 # GPU (skipped without CUDA)                                                   #
 # --------------------------------------------------------------------------- #
