@@ -2,14 +2,17 @@
 // exact in float64, without ever building the Q x N similarity matrix.
 //
 // Two stages:
-//  1. Prefilter. Queries and bank rows are rounded to bf16; s~ = q~ . v~ is
-//     computed with fp32 accumulation (AVX512-BF16 vdpbf16ps where the CPU has
-//     it, a portable loop otherwise) one 8-query x 32-row register tile at a
-//     time, and each tile is compared straight from registers with the
-//     query's bound lo = t~ - 2E, where t~ is a lower bound on the k-th largest
-//     s~ seen so far (kept current to one histogram bin, see QState) and E a
-//     rigorous per-query bound on |s~ - s| (below). Entries that pass are
-//     compress-stored to a per-query candidate list, compacted as t~ rises.
+//  1. Prefilter. Queries and bank rows are rounded to the prefilter's type (x~),
+//     s~ = q~ . v~ is computed with fp32 accumulation in register tiles, and
+//     each tile is compared straight from registers with the query's bound
+//     lo = t~ - 2E, where t~ is a lower bound on the k-th largest s~ seen so
+//     far (kept current to one histogram bin, see QState) and E a rigorous
+//     per-query bound on |s~ - s| (below). Entries that pass go to a per-query
+//     candidate list, compacted as t~ rises. Three prefilters, by CPU capability:
+//       avx512_bf16  bf16 x~, vdpbf16ps, 8-query x 32-row tiles, compress-stores;
+//       avx2, avx512 fp32 x~ (exact for fp32/bf16/fp16 inputs), FMA, 16-query x
+//                    6-row tiles, the bank read in place (knn_kernels.h block_f32);
+//       default      bf16 x~ in a portable loop.
 //  2. Rescore. Every surviving candidate is rescored in float64 from the
 //     original inputs and the k best are taken by (similarity desc, index asc).
 //
@@ -19,16 +22,19 @@
 // neither enter the top k nor tie with its k-th entry. A lower t~ (an older
 // one, or one rounded down) only keeps more rows.
 //
-// The bound, per query (norms in float64 from the data, n = D padded to even):
-//   |fp32 sum of q~_d v~_d - q~.v~|  <= gamma32(n) |q~| max|v~|   (bf16 products are exact)
+// The bound, per query (norms in float64 from the data; n = D padded to even
+// for bf16 pairs, n = D for fp32):
+//   |fp32 sum of q~_d v~_d - q~.v~|  <= gamma32(n) |q~| max|v~|   (one sequential sum per lane)
 //   |q~.v~ - q.v|                    <= |q~| max|v - v~| + |q - q~| max|v|
 //   |s - q.v|                        <= gamma64(D + 1) |q| max|v|
-// plus 2^-126 (sqrt(n) (|q~| + max|v~|) + 2n) for vdpbf16ps's flush of
-// subnormal inputs and results. For unit rows E is about 0.005; a list holds
-// about k + the rows within 2E (+ one bin) of the k-th similarity.
+// plus 2^-126 (sqrt(n) (|q~| + max|v~|) + 2n) for a flush of subnormal inputs
+// and results (vdpbf16ps; FTZ/DAZ if the process sets them). For unit rows E is
+// about 0.005 with bf16 and 1e-5 with fp32; a list holds about k + the rows
+// within 2E (+ one bin) of the k-th similarity.
 // Extra memory: G x (256 counters + list of ~2 (k + band) entries, 8 B each) +
-// one packed chunk (chunk x D bf16) + Q x D float64; G = min(Q, 2048) when
-// the bank fits in one chunk, else Q.
+// Q x D float64, + one packed chunk (chunk x D bf16) for the bf16 prefilters,
+// + Q x D fp32 and 96 x D fp32 per thread for the fp32 one; G = min(Q, 2048)
+// when the bank fits in one chunk, else Q.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -65,10 +71,14 @@ std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(const at::Tensor& queries, const
   const bool f64 = queries.scalar_type() == at::kDouble || bank.scalar_type() == at::kDouble;
   auto values = at::empty({Q, k}, q.options().dtype(f64 ? at::kDouble : at::kFloat));
   auto indices = at::empty({Q, k}, q.options().dtype(at::kLong));
-  const bool simd = cpu::capability() == cpu::Capability::kAvx512Bf16;
+  // the prefilter: AVX512-BF16 where the CPU has it, fp32 FMA tiles under avx2/avx512, else the portable bf16 loop
+  const auto c = cpu::capability();
+  // (knn_kernels.h's Prefilter: 0 portable bf16, 1 fp32, 2 AVX512-BF16)
+  const int pre = c == cpu::Capability::kAvx512Bf16 ? 2 : c == cpu::Capability::kDefault ? 0 : 1;
   if (Q > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "knn_topk_cpu", [&] {
-      INSTDISC_CPU_DISPATCH(cap::knn_topk_impl<scalar_t>(q, v, k, chunk_size, simd, values, indices));
+      INSTDISC_CPU_DISPATCH(
+          cap::knn_topk_impl<scalar_t>(q, v, k, chunk_size, static_cast<cap::Prefilter>(pre), values, indices));
     });
   }
   return {values, indices};

@@ -216,6 +216,102 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void block_avx51
 }
 #endif
 
+// The fp32 prefilter (AVX2 + FMA: the avx2 and avx512 builds): s~ = fp32(q) . fp32(v) with fp32
+// FMA accumulation, one FQ-query x FR-row register tile at a time. The bank is read where it lies
+// (fp32), or widened to fp32 one FRB-row sub-block at a time (bf16, fp16, float64); the block's
+// queries are packed transposed, FQ per tile ([tile][D][FQ]), so a tile is 2 x FR accumulators,
+// and each accumulator vector holds 8 queries' s~ for one row, compared with their 8 bounds lo.
+#if INSTDISC_VARIANT_LEVEL >= 1
+#define INSTDISC_HAVE_F32_PATH 1
+constexpr int FQ = 16;    // queries per fp32 tile (two 8-lane vectors)
+constexpr int FR = 6;     // bank rows per fp32 tile (2 x 6 accumulators + 3 registers in use)
+constexpr int FRB = 96;   // bank rows per sub-block (48 KiB at D = 128: in L2 across the tiles)
+constexpr int FQB = 256;  // queries per parallel task, at most (a bank pass per block: 256 measured ~1.5x 64)
+
+// queries [0, nq) of a block (float64, row stride D) as fp32, [tile][D][FQ], zero past nq.
+void pack_queries_f32(const double* q, int64_t nq, int64_t D, float* out) {
+  const int64_t tiles = (nq + FQ - 1) / FQ;
+  std::fill(out, out + tiles * D * FQ, 0.0f);
+  for (int64_t r = 0; r < nq; ++r) {
+    float* o = out + (r / FQ) * D * FQ + r % FQ;
+    for (int64_t d = 0; d < D; ++d) o[d * FQ] = static_cast<float>(q[r * D + d]);
+  }
+}
+
+template <typename scalar_t>
+void block_f32(const float* qpk, int64_t nq, const scalar_t* v, int64_t n, int64_t D, int64_t start, QState* states,
+               int64_t q0, const Ctx& cx, std::vector<float>& scratch) {
+  const int64_t tiles = (nq + FQ - 1) / FQ;
+  float los[FQB];  // each query's lo, kept equal to states[].lo (+inf past nq)
+  for (int64_t r = 0; r < FQB; ++r) los[r] = r < nq ? states[r].lo : std::numeric_limits<float>::infinity();
+  for (int64_t sb = 0; sb < n; sb += FRB) {
+    const int64_t nr = std::min<int64_t>(FRB, n - sb);
+    const float* rows = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      rows = v + sb * D;
+    } else {
+      scratch.resize(static_cast<size_t>(FRB * D));
+      rows::widen(v + sb * D, scratch.data(), nr * D);
+      rows = scratch.data();
+    }
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* qa = qpk + t * D * FQ;
+      // entries are appended during the sub-block and counted (threshold, lo) after it
+      const int64_t tq = std::min<int64_t>(FQ, nq - t * FQ);
+      size_t from[FQ];
+      for (int64_t l = 0; l < tq; ++l) {
+        states[t * FQ + l].reserve_more(static_cast<size_t>(nr));
+        from[l] = states[t * FQ + l].n;
+      }
+      for (int64_t j0 = 0; j0 < nr; j0 += FR) {
+        const int jn = static_cast<int>(std::min<int64_t>(FR, nr - j0));
+        const float* r[FR];
+        for (int j = 0; j < FR; ++j) r[j] = rows + std::min<int64_t>(j0 + j, nr - 1) * D;
+        __m256 acc[FR][2];
+        for (int j = 0; j < FR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+          const __m256 a0 = _mm256_loadu_ps(qa + d * FQ), a1 = _mm256_loadu_ps(qa + d * FQ + 8);
+#pragma GCC unroll 6
+          for (int j = 0; j < FR; ++j) {
+            const __m256 b = _mm256_broadcast_ss(r[j] + d);
+            acc[j][0] = _mm256_fmadd_ps(b, a0, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(b, a1, acc[j][1]);
+          }
+        }
+        // out of registers with constant indices only (a runtime index would keep acc in memory)
+        alignas(32) float sv[FR][FQ];
+#pragma GCC unroll 6
+        for (int j = 0; j < FR; ++j) {
+          _mm256_store_ps(sv[j], acc[j][0]);
+          _mm256_store_ps(sv[j] + 8, acc[j][1]);
+        }
+        const __m256 lo0 = _mm256_loadu_ps(los + t * FQ), lo1 = _mm256_loadu_ps(los + t * FQ + 8);
+        for (int j = 0; j < jn; ++j) {
+          unsigned m =
+              static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(sv[j]), lo0, _CMP_GE_OQ))) |
+              static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(sv[j] + 8), lo1, _CMP_GE_OQ))) << 8;
+          const int32_t col = static_cast<int32_t>(start + sb + j0 + j);
+          while (m) {  // (lanes past nq compare with +inf: never set)
+            const int l = __builtin_ctz(m);
+            QState& st = states[t * FQ + l];
+            st.s[st.n] = sv[j][l];
+            st.j[st.n] = col;
+            ++st.n;
+            m &= m - 1;
+          }
+        }
+      }
+      for (int64_t l = 0; l < tq; ++l) {
+        QState& st = states[t * FQ + l];
+        if (st.n == from[l]) continue;
+        admitted(st, cx, q0 + t * FQ + l, from[l]);
+        los[t * FQ + l] = st.lo;
+      }
+    }
+  }
+}
+#endif
+
 void block_portable(const uint32_t* qblk, int64_t nq, const uint32_t* vchunk, int64_t n, int64_t start, QState* states,
                     int64_t q0, const Ctx& cx) {
   const int64_t Dp = cx.Dp;
@@ -267,15 +363,16 @@ void pack_chunk(const scalar_t* v, int64_t n, int64_t D, int64_t Dp, uint32_t* o
   });
 }
 
-// Per row: |x|, |bf16(x)|, |x - bf16(x)| in float64.
+// Per row: |x|, |x~|, |x - x~| in float64, x~ the prefilter's rounding of x (bf16, or fp32 when f32).
 template <typename scalar_t>
-void row_norms(const scalar_t* x, int64_t rows, int64_t D, double* nx, double* nt, double* nd) {
+void row_norms(const scalar_t* x, int64_t rows, int64_t D, bool f32, double* nx, double* nt, double* nd) {
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       double a = 0, b = 0, c = 0;
       for (int64_t d = 0; d < D; ++d) {
         const double v = static_cast<double>(x[r * D + d]);
-        const double t = static_cast<double>(from_bf16(to_bf16(static_cast<float>(x[r * D + d]))));
+        const float f = static_cast<float>(x[r * D + d]);
+        const double t = static_cast<double>(f32 ? f : from_bf16(to_bf16(f)));
         a += v * v;
         b += t * t;
         c += (v - t) * (v - t);
@@ -287,19 +384,29 @@ void row_norms(const scalar_t* x, int64_t rows, int64_t D, double* nx, double* n
   });
 }
 
+// Which prefilter knn_topk_impl runs (knn.cpp picks it from the CPU capability).
+enum class Prefilter : int { kBf16Portable = 0, kF32 = 1, kBf16Avx512 = 2 };
+
 // queries: float64 (a small copy); bank: its own dtype, read in place.
 template <typename scalar_t>
-void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k, int64_t chunk, bool simd,
+void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k, int64_t chunk, Prefilter pre,
                    at::Tensor& values, at::Tensor& indices) {
   const int64_t Q = queries.size(0), N = bank.size(0), D = bank.size(1);
   const int64_t Dp = (D + 1) / 2;
   const double* qx = queries.data_ptr<double>();
   const scalar_t* vx = bank.data_ptr<scalar_t>();
+#ifndef INSTDISC_HAVE_F32_PATH
+  if (pre == Prefilter::kF32) pre = Prefilter::kBf16Portable;
+#endif
+#ifndef INSTDISC_HAVE_BF16_PATH
+  if (pre == Prefilter::kBf16Avx512) pre = Prefilter::kBf16Portable;
+#endif
+  const bool f32 = pre == Prefilter::kF32;
 
   // norms and the per-query bound 2E
   std::vector<double> qn(Q), qt(Q), qd(Q), vn(N), vt(N), vd(N);
-  row_norms(qx, Q, D, qn.data(), qt.data(), qd.data());
-  row_norms(vx, N, D, vn.data(), vt.data(), vd.data());
+  row_norms(qx, Q, D, f32, qn.data(), qt.data(), qd.data());
+  row_norms(vx, N, D, f32, vn.data(), vt.data(), vd.data());
   for (int64_t r = 0; r < N; ++r)
     INSTDISC_CHECK_VALUE(std::isfinite(vn[r]) && std::isfinite(vt[r]), "knn: bank row ", r,
                          " is not finite (NaN or inf)");
@@ -307,14 +414,14 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   const double Mt = *std::max_element(vt.begin(), vt.end());
   const double Rv = *std::max_element(vd.begin(), vd.end());
   const double u32 = std::ldexp(1.0, -24), u64 = std::ldexp(1.0, -53);
-  const double n32 = static_cast<double>(2 * Dp), n64 = static_cast<double>(D + 1);
+  const double n32 = static_cast<double>(f32 ? D : 2 * Dp), n64 = static_cast<double>(D + 1);
   const double g32 = n32 * u32 / (1 - n32 * u32), g64 = n64 * u64 / (1 - n64 * u64);
   std::vector<double> twoE(Q);
   for (int64_t q = 0; q < Q; ++q) {
     const double scale = qt[q] * Mt;
     INSTDISC_CHECK_VALUE(std::isfinite(qn[q]) && std::isfinite(qt[q]), "knn: query ", q, " is not finite (NaN or inf)");
     INSTDISC_CHECK_VALUE(scale < 1e30 && qn[q] * Mv < 1e30,
-                         "knn: row norms too large for the bf16 prefilter (|query| * |bank row| >= 1e30)");
+                         "knn: row norms too large for the prefilter (|query| * |bank row| >= 1e30)");
     const double flush = std::ldexp(1.0, -126) * (std::sqrt(n32) * (qt[q] + Mt) + 2 * n32);
     const double e = qt[q] * Rv + qd[q] * Mv + g32 * scale + g64 * qn[q] * Mv + flush;
     twoE[q] = 2 * e * (1 + 1e-9);
@@ -322,18 +429,36 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
   const Ctx cx{k, Dp, &twoE};
 
   const int64_t Qpad = (Q + MR - 1) / MR * MR;
-  std::vector<uint32_t> qpack(static_cast<size_t>(Qpad * Dp), 0u);
-  pack_rows_q(qx, Q, D, Dp, qpack.data());
   const int64_t tile_rows = NB * LANES;
   const int64_t chunk_rows = std::max<int64_t>(tile_rows, (chunk + tile_rows - 1) / tile_rows * tile_rows);
-  std::vector<uint32_t> vpack(
-      static_cast<size_t>(std::min(chunk_rows, (N + tile_rows - 1) / tile_rows * tile_rows) * Dp));
+  // the bf16 prefilters: queries as bf16 pairs, each bank chunk packed into 32-row blocks;
+  // the fp32 one: queries transposed in 16-query tiles, the bank read in place
+  std::vector<uint32_t> qpack, vpack;
+  std::vector<float> qf32;
+  if (f32) {
+#ifdef INSTDISC_HAVE_F32_PATH
+    qf32.resize(static_cast<size_t>((Q + FQ - 1) / FQ * FQ * D));
+    pack_queries_f32(qx, Q, D, qf32.data());
+#endif
+  } else {
+    qpack.assign(static_cast<size_t>(Qpad * Dp), 0u);
+    pack_rows_q(qx, Q, D, Dp, qpack.data());
+    vpack.resize(static_cast<size_t>(std::min(chunk_rows, (N + tile_rows - 1) / tile_rows * tile_rows) * Dp));
+  }
   int64_t packed = -1;  // start row of the chunk in vpack
   // Queries go in groups whose states (histogram + list, a few KB each) live
   // together. With a one-chunk bank, packed once, groups cost nothing: 2048
   // queries per group bound the state memory. Otherwise all queries form one
   // group, so that each chunk is packed once.
-  const int64_t group = N <= chunk_rows ? std::max<int64_t>(2048, 4 * QBLOCK * at::get_num_threads()) : Q;
+  // queries per parallel task: QBLOCK, or for the fp32 prefilter (which reads the bank once per task)
+  // up to FQB, a multiple of its tile, with at least one task per thread
+  const int64_t threads = at::get_num_threads();
+#ifdef INSTDISC_HAVE_F32_PATH
+  const int64_t qblock = f32 ? std::clamp<int64_t>(((Q + threads - 1) / threads + FQ - 1) / FQ * FQ, FQ, FQB) : QBLOCK;
+#else
+  const int64_t qblock = QBLOCK;
+#endif
+  const int64_t group = N <= chunk_rows ? std::max<int64_t>(2048, 4 * qblock * threads) : Q;
   // similarities out in float64 when an input is float64, else float32
   double* ov64 = values.scalar_type() == at::kDouble ? values.data_ptr<double>() : nullptr;
   float* ov32 = ov64 ? nullptr : values.data_ptr<float>();
@@ -349,24 +474,32 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
       const double R = qt[g0 + i] * Mt * (1 + g32) + 1e-30;  // |s~| <= R
       set_histogram(st, -R, R);
     }
-    const int64_t nblk = (G + QBLOCK - 1) / QBLOCK;
+    const int64_t nblk = (G + qblock - 1) / qblock;
     for (int64_t start = 0; start < N; start += chunk_rows) {
       const int64_t n = std::min(chunk_rows, N - start);
-      if (packed != start) {
+      if (!f32 && packed != start) {
         pack_chunk(vx + start * D, n, D, Dp, vpack.data(), (n + tile_rows - 1) / tile_rows * NB);
         packed = start;
       }
       at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> scratch;
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t q0 = g0 + b * QBLOCK, nq = std::min<int64_t>(QBLOCK, g0 + G - q0);
+          const int64_t q0 = g0 + b * qblock, nq = std::min<int64_t>(qblock, g0 + G - q0);
           QState* st = states.data() + (q0 - g0);
-#ifdef INSTDISC_HAVE_BF16_PATH
-          if (simd) {
-            block_avx512bf16(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, st, q0, cx);
-            continue;
-          }
+          switch (pre) {
+#ifdef INSTDISC_HAVE_F32_PATH
+            case Prefilter::kF32:
+              block_f32(qf32.data() + q0 * D, nq, vx + start * D, n, D, start, st, q0, cx, scratch);
+              break;
 #endif
-          block_portable(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, st, q0, cx);
+#ifdef INSTDISC_HAVE_BF16_PATH
+            case Prefilter::kBf16Avx512:
+              block_avx512bf16(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, st, q0, cx);
+              break;
+#endif
+            default:
+              block_portable(qpack.data() + q0 * Dp, nq, vpack.data(), n, start, st, q0, cx);
+          }
         }
       });
     }
@@ -404,3 +537,4 @@ void knn_topk_impl(const at::Tensor& queries, const at::Tensor& bank, int64_t k,
 }  // namespace
 
 #undef INSTDISC_HAVE_BF16_PATH
+#undef INSTDISC_HAVE_F32_PATH

@@ -35,17 +35,23 @@ are redone on the whole chunk). Later chunks keep only the groups whose max
 beats the running k-th value (the top-M groups, M = the largest such count in
 the batch) and skip the chunk when there are none. On 2 CPU cores (10,000 x
 50,000, D = 128, k = 200) its fp32 GEMM is about 2/3 of the time: hence the
-C++ kernel, whose bf16 register-tile prefilter runs at several times the
-fp32 GEMM rate.
+C++ kernel, which never writes the similarities out of registers.
 
-The "cpu" kernel: a bf16 similarity prefilter computed in registers (vdpbf16ps)
-keeps, per query, only the rows within a rigorous error bound of the running k-th
-similarity; those are rescored in float64 from the original inputs. The result is
-the float64 top k, never an approximation, and the Q x N matrix is never built:
-extra memory is a few KB per query for min(Q, 2048) queries at a time (Q when the
-bank spans several chunks), plus one bf16 chunk. Without AVX512-BF16 the same
-kernel runs a portable prefilter loop, slower there than the chunked torch path:
-"auto" then picks "eager" (``Impl(auto=False)``), and "cpu" still runs the kernel.
+The "cpu" kernel: a similarity prefilter computed in registers keeps, per query,
+only the rows within a rigorous error bound of the running k-th similarity; those
+are rescored in float64 from the original inputs. The result is the float64 top
+k, never an approximation, and the Q x N matrix is never built. The prefilter is
+chosen by the CPU capability (csrc/cpu/capability.h):
+* avx512_bf16: bf16 products (vdpbf16ps), 8-query x 32-row tiles;
+* avx2 and avx512: fp32 FMA tiles of 16 queries x 6 bank rows, the bank read
+  where it lies (fp32) or widened 96 rows at a time (bf16, fp16, float64); its
+  bound is about 1e-5 for unit rows, so the lists hold little beyond the top k;
+* default (the x86-64 baseline, other CPUs): the bf16 products in a portable
+  loop, slower than the chunked torch path there.
+"auto" picks the kernel under the first two (``_CPU_FAST``) and "eager" under
+the last (``Impl(auto=False)``); "cpu" runs the kernel everywhere. Extra memory:
+a few KB per query for min(Q, 2048) queries at a time (Q when the bank spans
+several chunks), plus one bf16 chunk for the bf16 prefilters.
 No Triton or CUDA C++ kNN kernel is written ("auto" on CUDA picks "eager").
 ``_topk_full`` builds the full Q x N matrix and stable-sorts it (tests; not a backend).
 kNN is evaluation only: no autograd.
@@ -217,12 +223,13 @@ if _backend.op_handle("knn_topk") is not None:
         return (queries.new_empty((Q, k), dtype=opmath(queries.dtype, bank.dtype)),
                 queries.new_empty((Q, k), dtype=torch.int64))
 
-    # whether the kernel's AVX512-BF16 prefilter runs here ("auto" picks the kernel only then): the CPU
-    # capability chosen at load (INSTDISC_CPU_CAPABILITY can lower it)
-    _CPU_SIMD = (_backend.op_handle("cpu_capability") is not None
-                 and torch.ops.instdisc.cpu_capability() == "avx512_bf16")
+    # whether the kernel runs a vectorised prefilter here (AVX512-BF16, or the fp32 FMA tiles of avx2
+    # and avx512; "auto" picks the kernel only then): the CPU capability chosen at load
+    # (INSTDISC_CPU_CAPABILITY can lower it)
+    _CPU_FAST = (_backend.op_handle("cpu_capability") is not None
+                 and torch.ops.instdisc.cpu_capability() in ("avx2", "avx512", "avx512_bf16"))
 else:
-    _CPU_SIMD = False
+    _CPU_FAST = False
 
 
 def knn_topk_cpp(queries, bank, k, *, chunk_size=DEFAULT_CHUNK):
@@ -249,7 +256,7 @@ def _cpp(queries, bank, k, chunk_size, query_batch):
 TABLE = _backend.OpTable(
     "knn_predict",
     eager=_backend.Impl(_eager, "ops/knn.py knn_topk"),
-    cpu=_backend.Impl(_cpp, "csrc/cpu/knn.cpp knn_topk_cpu", dispatch="knn_topk", auto=_CPU_SIMD),
+    cpu=_backend.Impl(_cpp, "csrc/cpu/knn.cpp knn_topk_cpu", dispatch="knn_topk", auto=_CPU_FAST),
 )
 
 

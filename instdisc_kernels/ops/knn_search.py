@@ -3,9 +3,9 @@
     faiss:             index = faiss.IndexFlatIP(D); index.add(bank); sims, idx = index.search(queries, k)
     instdisc_kernels:  sims, idx = knn_search(queries, bank, k)
 
-Same backends as ``knn_predict`` (ops/knn.py TABLE): "cpu", the C++ kernel (bf16
-prefilter inside a rigorous error bound, float64 rescore; "auto" picks it on CPUs
-with AVX512-BF16), and "eager", the chunked GEMM + running top-k (any device);
+Same backends as ``knn_predict`` (ops/knn.py TABLE): "cpu", the C++ kernel (a
+register-tile prefilter inside a rigorous error bound, float64 rescore; "auto" picks
+it on CPUs with AVX2 or better), and "eager", the chunked GEMM + running top-k (any device);
 never a Q x N matrix.
 The answer is sorted by (similarity descending, bank index ascending), so
 ties go to the lower index. No index to build: the bank is searched as it is.

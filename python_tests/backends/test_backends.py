@@ -128,8 +128,8 @@ OPS = {
                    "cpu" if HAS_CPP else "eager"),
     "softmax": (softmax.TABLE, "nonparametric_softmax_loss", _softmax, _softmax_oracle, "cpu" if HAS_CPP else "eager"),
     "nce_probs": (nce_probs.TABLE, "NCEAverage", _probs, _probs_oracle, "cpu" if HAS_CPP else "eager"),
-    "knn": (knn.TABLE, "knn_predict", _knn, _knn_oracle, "cpu" if knn._CPU_SIMD else "eager"),
-    "knn_search": (knn.TABLE, "knn_search", _search, _search_oracle, "cpu" if knn._CPU_SIMD else "eager"),
+    "knn": (knn.TABLE, "knn_predict", _knn, _knn_oracle, "cpu" if knn._CPU_FAST else "eager"),
+    "knn_search": (knn.TABLE, "knn_search", _search, _search_oracle, "cpu" if knn._CPU_FAST else "eager"),
     "bank_update": (bank_update.TABLE, "bank_update_", _update, _update_oracle, "cpu" if HAS_CPP else "eager"),
 }
 

@@ -72,13 +72,23 @@ def test_unknown_capability_is_ignored_with_a_warning():
     assert res["capability"] == _supported()[-1]
 
 
+# The capability below the machine's best that runs each kNN prefilter (csrc/cpu/knn_kernels.h):
+# AVX512-BF16 products, fp32 FMA tiles, the portable bf16 loop.
+PREFILTER_CAP = {"bf16-avx512": "avx512_bf16", "fp32-fma": "avx512", "bf16-portable": "default"}
+PREFILTER_OF = {"avx512_bf16": "bf16-avx512", "avx512": "fp32-fma", "avx2": "fp32-fma", "default": "bf16-portable"}
+
+
 @pytest.mark.slow
-def test_knn_suite_on_the_portable_prefilter():
-    """test_knn_cpu.py again with the AVX512-BF16 prefilter capped off (its portable loop)."""
-    if _supported()[-1] != "avx512_bf16":
-        pytest.skip("this CPU has no AVX512-BF16: test_knn_cpu.py already runs the portable prefilter")
+@pytest.mark.parametrize("prefilter", list(PREFILTER_CAP))
+def test_knn_suite_on_each_prefilter(prefilter):
+    """test_knn_cpu.py again under each kNN prefilter this CPU runs, other than the one it picks."""
+    cap = PREFILTER_CAP[prefilter]
+    if cap not in _supported():
+        pytest.skip(f"this CPU does not support {cap}")
+    if PREFILTER_OF[_supported()[-1]] == prefilter:
+        pytest.skip(f"the {prefilter} prefilter is this CPU's own: test_knn_cpu.py runs it")
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          os.path.join(TESTS, "knn", "test_knn_cpu.py")], cwd=ROOT, env=_env("avx512"),
+                          os.path.join(TESTS, "knn", "test_knn_cpu.py")], cwd=ROOT, env=_env(cap),
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout

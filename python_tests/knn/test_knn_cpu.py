@@ -1,9 +1,10 @@
 """The fused C++ kNN kernel (csrc/cpu/knn.cpp) against the float64 oracle.
 
-Its answer is the float64 top k (bf16 prefilter with a rigorous bound, float64
-rescore), so indices must equal the oracle's stable sort exactly. The prefilter
-is the one of the CPU capability chosen at load (AVX512-BF16 where the CPU has
-it); test_cpu_capability.py runs this file again with the portable prefilter."""
+Its answer is the float64 top k (a bf16 or fp32 prefilter with a rigorous bound,
+float64 rescore), so indices must equal the oracle's stable sort exactly. The
+prefilter is the one of the CPU capability chosen at load (fp32 FMA tiles under
+avx2/avx512, bf16 products under avx512_bf16); test_cpu_capability.py runs this
+file again under each other prefilter the CPU has."""
 import importlib.util
 import os
 
@@ -38,6 +39,8 @@ SHAPES = [  # Q, N, D, k, chunk
     (3, 17, 5, 17, 64),          # N < one tile
     (6, 90, 8, 40, 7),           # chunk < k: the lists fill over several chunks
     (65, 33, 16, 20, 32),        # Q over one 64-query block, N = one tile + 1
+    (530, 203, 9, 7, 64),        # several fp32-prefilter blocks (up to 256 queries), the last partial
+    (40, 1000, 100, 33, 4096),   # N over several 96-row sub-blocks, not a multiple of the 6-row tile
 ]
 
 
@@ -69,6 +72,20 @@ def test_differences_below_bf16_resolution():
     bf16_rank = (q.bfloat16().double() @ bank.bfloat16().double().t()).topk(150, dim=1).indices
     assert not torch.equal(bf16_rank.sort(1).values, _stable_topk(q, bank, 150)[1].sort(1).values)
     _check(q, bank, 150)
+
+
+def test_differences_below_fp32_resolution():
+    # float64 bank rows whose similarities differ by less than fp32 resolves: the fp32 prefilter
+    # cannot rank them, the bound must keep all of them for the float64 rescore
+    base = _unit(1, 48)[0]
+    direction = _unit(1, 48)[0]
+    steps = torch.randperm(300).double()
+    bank = torch.nn.functional.normalize(base + 1e-11 * steps[:, None] * direction, dim=1)
+    bank = torch.cat([bank, _unit(500, 48)])
+    q = torch.stack([direction, (base + direction) / 2])
+    fp32_rank = (q.float().double() @ bank.float().double().t()).topk(120, dim=1).indices
+    assert not torch.equal(fp32_rank.sort(1).values, _stable_topk(q, bank, 120)[1].sort(1).values)
+    _check(q, bank, 120)
 
 
 @pytest.mark.parametrize("order", ["ascending", "descending", "equal"])
@@ -112,7 +129,7 @@ def test_knn_predict_backends_agree():
         sc = knn_predict(q, bank, lab, k=40, num_classes=6, backend=backend)
         assert ((sc.double() - ref).abs() <= 2e-5 * ref.abs().amax(1, keepdim=True)).all(), backend
     assert K.TABLE.select("cpu", q.device) == "cpu"
-    assert K.TABLE.select("auto", q.device) == ("cpu" if K._CPU_SIMD else "eager")
+    assert K.TABLE.select("auto", q.device) == ("cpu" if K._CPU_FAST else "eager")
 
 
 def test_non_finite_similarities_are_an_error():
