@@ -65,11 +65,17 @@ TORCH_LIBRARY(instdisc, m) {
   m.def("nce_shared_tile_lse(Tensor scores) -> Tensor");
   m.def("nce_shared_tile_softmax_(Tensor(a!) scores, Tensor(b!) row_max, Tensor(c!) row_sum) -> Tensor");
 
+  // The exact softmax's fused CPU pass (ops/softmax.py, backend "cpu", precision "fp32"; CPU only,
+  // avx2 capability or better): with s = f . v_j over every bank row v_j (features already divided
+  // by the temperature), row_max[b] = max_j s, row_sum[b] = sum_j exp(s - row_max[b]) and
+  // weighted[b] = sum_j exp(s - row_max[b]) v_j; features float32, bank float32/bf16/fp16.
+  m.def("softmax_online_state(Tensor features, Tensor bank) -> (Tensor row_max, Tensor row_sum, Tensor weighted)");
+
   // Weighted-kNN top-k (docs/method.md): the k most similar bank rows per query,
   // sorted by (similarity desc, index asc); similarities (Q, k) computed in
   // float64, returned in float64 if an input is float64, else float32.
-  // CPU: bf16 prefilter with a rigorous error bound (AVX512-BF16 under the avx512_bf16
-  // capability, a portable loop otherwise), exact float64 rescore.
+  // CPU: a prefilter with a rigorous error bound (AVX512-BF16 products under avx512_bf16, fp32 FMA
+  // tiles under avx2/avx512, a portable bf16 loop otherwise), exact float64 rescore.
   m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk_size) -> (Tensor values, Tensor indices)");
 
   // The CPU capability the CPU kernels run with (csrc/cpu/capability.h): "default", "avx2",

@@ -87,6 +87,14 @@ def op_handle(name: str):
         return None
 
 
+# The CPU capability the C++ kernels run with ("default", "avx2", "avx512", "avx512_bf16";
+# csrc/cpu/capability.h), read once at import; "none" without the extension.
+CPU_CAPABILITY = torch.ops.instdisc.cpu_capability() if op_handle("cpu_capability") is not None else "none"
+# Whether the CPU kernels have their AVX2 + FMA register tiles here (the kNN's fp32 prefilter,
+# the exact softmax's fused pass).
+CPU_FMA_TILES = CPU_CAPABILITY in ("avx2", "avx512", "avx512_bf16")
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """One backend of an op: the implementation and what it needs besides the backend's device.

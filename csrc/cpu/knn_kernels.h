@@ -1,6 +1,8 @@
 // The CPU weighted-kNN top-k kernel (see knn.cpp for the method and its bound), compiled once per
-// CPU capability (kernel_variants.h, from knn.cpp): no include guard, no #include but rows.h.
+// CPU capability (kernel_variants.h, from knn.cpp): no include guard, no #include but rows.h and
+// simd_math.h.
 #include "rows.h"
+#include "simd_math.h"
 
 namespace {
 
@@ -223,9 +225,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void block_avx51
 // and each accumulator vector holds 8 queries' s~ for one row, compared with their 8 bounds lo.
 #if INSTDISC_VARIANT_LEVEL >= 1
 #define INSTDISC_HAVE_F32_PATH 1
-constexpr int FQ = 16;    // queries per fp32 tile (two 8-lane vectors)
-constexpr int FR = 6;     // bank rows per fp32 tile (2 x 6 accumulators + 3 registers in use)
-constexpr int FRB = 96;   // bank rows per sub-block (48 KiB at D = 128: in L2 across the tiles)
+constexpr int FQ = 16;   // queries per fp32 tile (two 8-lane vectors)
+constexpr int FR = 6;    // bank rows per fp32 tile (simd::fma_tile_6x16: 2 x 6 accumulators)
+constexpr int FRB = 96;  // bank rows per sub-block (48 KiB at D = 128: in L2 across the tiles)
+static_assert(FQ == 16 && FR == 6, "the fp32 tile is simd::fma_tile_6x16");
 constexpr int FQB = 256;  // queries per parallel task, at most (a bank pass per block: 256 measured ~1.5x 64)
 
 // queries [0, nq) of a block (float64, row stride D) as fp32, [tile][D][FQ], zero past nq.
@@ -267,17 +270,8 @@ void block_f32(const float* qpk, int64_t nq, const scalar_t* v, int64_t n, int64
         const int jn = static_cast<int>(std::min<int64_t>(FR, nr - j0));
         const float* r[FR];
         for (int j = 0; j < FR; ++j) r[j] = rows + std::min<int64_t>(j0 + j, nr - 1) * D;
-        __m256 acc[FR][2];
-        for (int j = 0; j < FR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; ++d) {
-          const __m256 a0 = _mm256_loadu_ps(qa + d * FQ), a1 = _mm256_loadu_ps(qa + d * FQ + 8);
-#pragma GCC unroll 6
-          for (int j = 0; j < FR; ++j) {
-            const __m256 b = _mm256_broadcast_ss(r[j] + d);
-            acc[j][0] = _mm256_fmadd_ps(b, a0, acc[j][0]);
-            acc[j][1] = _mm256_fmadd_ps(b, a1, acc[j][1]);
-          }
-        }
+        __m256 acc[FR][2];  // acc[j][h]: row j's s~ for queries 8 h .. 8 h + 8 of the tile
+        simd::fma_tile_6x16(r, qa, D, acc);
         // out of registers with constant indices only (a runtime index would keep acc in memory)
         alignas(32) float sv[FR][FQ];
 #pragma GCC unroll 6

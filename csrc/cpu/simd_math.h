@@ -1,4 +1,4 @@
-// Vector math of the CPU kernels (nce_kernels.h, nce_shared_kernels.h), compiled once per CPU
+// Vector math of the CPU kernels (nce, nce_shared, knn, softmax kernel headers), compiled once per CPU
 // capability: included (without a guard) inside the namespaces of kernel_variants.h.
 namespace simd {
 
@@ -24,6 +24,24 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_blendv_ps(_mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep), x0, nan);
+}
+
+// The FMA register tile of the kNN prefilter and the exact softmax (knn_kernels.h, softmax_kernels.h):
+// acc[i][h] = sum_d p[i][d] * w[d][8 h .. 8 h + 8) for 6 rows p (broadcast one value at a time) and
+// a panel w of D x 16 values ([D][16], row stride 16): 12 accumulators, 2 loads + 6 broadcasts per
+// 12 FMAs. Inlined, so acc stays in registers.
+__attribute__((always_inline)) inline void fma_tile_6x16(const float* const* p, const float* w, int64_t D,
+                                                         __m256 (&acc)[6][2]) {
+  for (int i = 0; i < 6; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 w0 = _mm256_loadu_ps(w + d * 16), w1 = _mm256_loadu_ps(w + d * 16 + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      const __m256 a = _mm256_broadcast_ss(p[i] + d);
+      acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
+    }
+  }
 }
 
 inline double hsum(__m256d v) {

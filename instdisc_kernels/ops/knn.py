@@ -226,8 +226,7 @@ if _backend.op_handle("knn_topk") is not None:
     # whether the kernel runs a vectorised prefilter here (AVX512-BF16, or the fp32 FMA tiles of avx2
     # and avx512; "auto" picks the kernel only then): the CPU capability chosen at load
     # (INSTDISC_CPU_CAPABILITY can lower it)
-    _CPU_FAST = (_backend.op_handle("cpu_capability") is not None
-                 and torch.ops.instdisc.cpu_capability() in ("avx2", "avx512", "avx512_bf16"))
+    _CPU_FAST = _backend.CPU_FMA_TILES
 else:
     _CPU_FAST = False
 

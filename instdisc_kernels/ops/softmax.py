@@ -37,11 +37,16 @@ Implementations (TABLE below; docs/backends.md):
               ATen matmuls (oneDNN on CPU, bf16 products use AVX512-BF16/AMX when
               the CPU has them; cuBLAS on CUDA); any device. "auto" picks it on
               CUDA without Triton, and on CPU when the extension is not built.
-  "cpu"    -> instdisc::softmax_forward_cpu (what "auto" picks on CPU): the same
-              chunks and ATen matmuls, with each chunk's max / exp / row-sum /
-              rescale one C++ pass over the B x chunk block while it is in cache
-              (instdisc::nce_shared_tile_softmax_, AVX2 exp), instead of five ATen
-              passes.
+  "cpu"    -> instdisc::softmax_forward_cpu (what "auto" picks on CPU). With fp32
+              products, fp32 features and an fp32/bf16/fp16 bank on an AVX2+ CPU:
+              the whole recurrence is one C++ pass (instdisc::softmax_online_state,
+              csrc/cpu/softmax.cpp): each 96-row block of the bank is scored in
+              fp32 FMA register tiles, its softmax step taken on the scores in L1
+              and its rows accumulated into A in the same tiles, the bank split into
+              one range per thread (chunk_size is not used). Otherwise (bf16
+              products, float64, the "default" capability) the same chunks and ATen
+              matmuls as "eager", with each chunk's max / exp / row-sum / rescale one
+              C++ pass over the B x chunk block (instdisc::nce_shared_tile_softmax_).
   "triton" -> instdisc::softmax_forward_triton (ops/softmax_triton.py).
   No CUDA C++ kernel. ``forward_full`` below builds the full B x N
   logits the way plain eager code does (tests cross-check against it; not a backend).
@@ -144,17 +149,35 @@ def softmax_step(S, m, l, work, fused=False):
     return scale
 
 
+def _fused_state(F, memory):
+    """Whether online_state can be the one C++ pass (instdisc::softmax_online_state): fp32
+    features, an fp32/bf16/fp16 bank on CPU, AVX2 + FMA tiles built and chosen."""
+    return (_backend.CPU_FMA_TILES and F.device.type == "cpu" and F.dtype == torch.float32
+            and memory.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and _backend.has_kernel("softmax_online_state", "CPU"))
+
+
+if _backend.op_handle("softmax_online_state") is not None:
+    @torch.library.register_fake("instdisc::softmax_online_state")
+    def _online_state_fake(features, bank):
+        B, D = features.shape
+        return features.new_empty((B,)), features.new_empty((B,)), features.new_empty((B, D))
+
+
 def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=False):
     """(m, l, A) after one streaming pass over the bank rows ``memory``, with S = F V^T / T:
     m[b] = max_j S[b,j], l[b] = sum_j exp(S[b,j] - m[b]), A[b] = sum_j exp(S[b,j] - m[b]) V[j]
-    (F already in the op's dtype). The sharded bank merges these across shards. fused (CPU): each
-    chunk's softmax_step is one C++ pass over the B x chunk block.
+    (F already in the op's dtype). The sharded bank merges these across shards. fused (CPU): the
+    whole pass in C++ (softmax_online_state) where _fused_state allows, else each chunk's
+    softmax_step is one C++ pass over the B x chunk block.
 
     Every per-chunk block lives in buffers allocated once per call (``out=`` and
     in-place ops): fresh B x chunk allocations per chunk would page-fault anew
     whenever the allocator has returned memory to the OS (measured 8x slower
     right after an eager step had freed its 1.2 GB logits)."""
     acc = F.dtype
+    if fused and precision == "fp32" and _fused_state(F, memory):
+        return torch.ops.instdisc.softmax_online_state(F / temperature, memory)
     Fs = product_operand(F / temperature, precision, acc)
     cd = Fs.dtype                                               # dtype of the chunk products
     emulate = precision == "bf16" and cd == acc                 # bf16-valued operands in fp32
@@ -230,7 +253,7 @@ def softmax_forward_chunked(features: torch.Tensor, memory: torch.Tensor, indice
 def softmax_forward_cpu(features: torch.Tensor, memory: torch.Tensor, indices: torch.Tensor,
                         temperature: float, precision: str, chunk_size: int, proximal: float = 0.0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """forward_chunked with each chunk's softmax step in C++ (csrc/cpu/nce_shared.cpp)."""
+    """forward_chunked with its streaming pass in C++ (csrc/cpu/softmax.cpp, or per chunk csrc/cpu/nce_shared.cpp)."""
     return forward_chunked(features, memory, indices, temperature, precision, chunk_size, proximal, fused=True)
 
 
@@ -256,7 +279,7 @@ TABLE = _backend.OpTable(
     "nonparametric_softmax_loss",
     eager=_backend.Impl(torch.ops.instdisc.softmax_forward_chunked, "ops/softmax.py forward_chunked"),
     cpu=_backend.Impl(torch.ops.instdisc.softmax_forward_cpu,
-                      "ops/softmax.py forward_chunked + csrc/cpu/nce_shared.cpp tile softmax step",
+                      "ops/softmax.py forward_chunked + csrc/cpu/softmax.cpp (or the nce_shared.cpp tile step)",
                       dispatch="nce_shared_tile_softmax_"),
     triton=_backend.Impl(_backend.op_handle("softmax_forward_triton"), "ops/softmax_triton.py forward_triton",
                          triton=True),

@@ -3,8 +3,8 @@
 The extension is compiled for the x86-64 baseline and picks, once at load, the kernels built for
 the best capability the CPU supports, capped by INSTDISC_CPU_CAPABILITY. Each capability runs in
 a subprocess with the variable set: the extension must import there, report the capability, and
-nce_forward (NCE and InfoNCE), the NCEAverage ops, bank_update_, knn_topk and the shared
-negatives' tile epilogues must match the float64 oracle (instdisc_kernels/reference.py) on small
+nce_forward (NCE and InfoNCE), the NCEAverage ops, bank_update_, knn_topk, the softmax's fused
+pass and the shared negatives' tile epilogues must match the float64 oracle (instdisc_kernels/reference.py) on small
 odd shapes, and the in-kernel negatives the documented stream (docs/negatives.md). "default" is
 the baseline (SSE2) build, which every x86-64 CPU runs. The child loads only torch, the extension,
 the oracle module and python_tests/helpers (a few seconds), not the whole package.
@@ -159,6 +159,13 @@ def _child(checks=True):
             _close(v, rv, 1e-6, f"knn_topk {bank_dtype}")
             assert torch.equal(i, ri), f"knn_topk {bank_dtype}: indices differ from the oracle's"
             checked += 1
+            if feat_dtype == torch.float32 and ops.cpu_capability() != "default":
+                # the exact softmax's fused pass (FMA tiles: avx2 and up): the loss from its state
+                Fs = F / 0.1
+                m, l, _ = ops.softmax_online_state(Fs, mem)
+                want = ref.softmax_loss_value(F, mem, y, 0.1) + (F.double() * mem[y].double()).sum(1).mean() / 0.1
+                _close((m.double() + l.double().log()).mean(), want, tol, f"softmax_online_state {bank_dtype}")
+                checked += 1
     from helpers.tile_epilogues import check_tile_epilogues
     checked += check_tile_epilogues(ops)      # the shared negatives' tile epilogues
     from helpers.negative_stream import check_negative_stream

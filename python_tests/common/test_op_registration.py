@@ -125,6 +125,9 @@ CASES = {  # op name -> [(case id, () -> {argument name: value})]
                            ("fp64", lambda: _probs_backward(torch.float64))],
     "nce_probs_loss": [("z-fixed", lambda: _probs_args(torch.float32, 2.0)),
                        ("fp64-z-estimated", lambda: _probs_args(torch.float64, 0.0))],
+    "softmax_online_state": [("fp32", lambda: {"features": _problem(N=40)[0], "bank": _problem(N=40)[1]}),
+                             ("bf16-bank", lambda: {"features": _problem(N=40)[0],
+                                                    "bank": _problem(N=40)[1].bfloat16()})],
     "knn_topk": [("fp32", lambda: _knn(torch.float32, torch.float32)),
                  ("fp64-bf16", lambda: _knn(torch.float64, torch.bfloat16))],
 }

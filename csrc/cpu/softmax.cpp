@@ -1,0 +1,71 @@
+// The exact softmax's fused CPU pass (ops/softmax.py, backend "cpu", precision "fp32"):
+//   softmax_online_state(F, V) -> (m, l, A), over every row v_j of the bank V and s = f . v_j:
+//     m[b] = max_j s[b, j],  l[b] = sum_j exp(s[b, j] - m[b]),  A[b] = sum_j exp(s[b, j] - m[b]) v_j
+// with F (B, D) float32 already divided by the temperature and V (N, D) float32, bf16 or fp16.
+// One pass over the bank: each 96-row block is widened/packed once, then scored against every
+// feature row in 6 x 16 FMA register tiles, its online-softmax step taken on the 6 x 96 scores in
+// L1, and its rows accumulated into A in the same register tiles: no B x chunk scores in memory
+// and no per-chunk ATen calls. Rows are split into one contiguous range per thread, whose states
+// are merged at the end. Needs AVX2 + FMA (the avx2/avx512 capabilities; softmax.py keeps its
+// chunked ATen path under "default").
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#define INSTDISC_KERNELS "softmax_kernels.h"  // compiled once per CPU capability
+#include "kernel_variants.h"
+
+namespace instdisc {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_online_state_cpu(const at::Tensor& features,
+                                                                        const at::Tensor& bank) {
+  checks::bank(bank, c10::DeviceType::CPU, "bank");
+  INSTDISC_CHECK_VALUE(
+      features.device().is_cpu() && features.dim() == 2 && features.size(0) > 0 && features.size(1) == bank.size(1),
+      "features must be a non-empty CPU (B, D) tensor with the bank's D = ", bank.size(1), ", got shape ",
+      features.sizes());
+  INSTDISC_CHECK_TYPE(features.scalar_type() == at::kFloat, "features must be float32, got ", features.scalar_type());
+  const auto bt = bank.scalar_type();
+  INSTDISC_CHECK_TYPE(bt == at::kFloat || bt == at::kBFloat16 || bt == at::kHalf,
+                      "bank must be float32, bfloat16 or float16, got ", bt);
+  INSTDISC_CHECK_VALUE(cpu::capability() != cpu::Capability::kDefault,
+                       "softmax_online_state needs the avx2 CPU capability or better, this process runs ",
+                       cpu::capability_name(cpu::capability()));
+  const auto F = features.contiguous();
+  const auto V = bank.contiguous();
+  const int64_t B = F.size(0), D = F.size(1), N = V.size(0);
+  auto m = at::empty({B}, F.options());
+  auto l = at::empty({B}, F.options());
+  auto A = at::empty({B, D}, F.options());
+#if defined(INSTDISC_CPU_VARIANTS)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bt, "softmax_online_state", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const auto* v = V.data_ptr<scalar_t>();
+      if (cpu::capability() == cpu::Capability::kAvx2)
+        cpu_avx2::softmax_state<scalar_t>(F.data_ptr<float>(), B, D, v, N, m.data_ptr<float>(), l.data_ptr<float>(),
+                                          A.data_ptr<float>());
+      else
+        cpu_avx512::softmax_state<scalar_t>(F.data_ptr<float>(), B, D, v, N, m.data_ptr<float>(), l.data_ptr<float>(),
+                                            A.data_ptr<float>());
+    }
+  });
+#else
+  INSTDISC_CHECK_VALUE(false, "softmax_online_state: this build has no per-capability CPU kernels");
+#endif
+  return {m, l, A};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instdisc, CPU, m) { m.impl("softmax_online_state", &softmax_online_state_cpu); }
+
+}  // namespace instdisc

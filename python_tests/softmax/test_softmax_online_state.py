@@ -1,0 +1,99 @@
+"""The exact softmax's fused CPU pass, instdisc::softmax_online_state (csrc/cpu/softmax.cpp), against
+the float64 definition of its outputs: with S = F V^T over every bank row,
+m = max_j S, l = sum_j exp(S - m), A = sum_j exp(S - m) V_j.
+
+The loss and gradient it feeds (the softmax's "cpu" backend) are checked against the oracle in
+test_softmax.py; here the state itself, on odd shapes (B not a multiple of the 6-row tile, N not
+a multiple of the 96-row block, D not a multiple of 16), every bank dtype, one and several
+threads, and its argument checks."""
+import pytest
+import torch
+
+from instdisc_kernels import _backend
+
+pytestmark = pytest.mark.skipif(
+    not (_backend.has_kernel("softmax_online_state", "CPU") and _backend.CPU_FMA_TILES),
+    reason="needs the C++ extension and the avx2 CPU capability or better (the fused pass's FMA tiles)")
+
+
+def _want(F, V):
+    S = F.double() @ V.double().t()
+    m = S.max(1).values
+    P = torch.exp(S - m[:, None])
+    return m, P.sum(1), P @ V.double()
+
+
+def _data(B, N, D, bank_dtype=torch.float32, scale=1 / 0.07, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1).to(bank_dtype)
+    F = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1) * scale
+    return F.float(), V
+
+
+def _check(F, V, rel=2e-5):
+    m, l, A = torch.ops.instdisc.softmax_online_state(F, V)
+    wm, wl, wA = _want(F, V)
+    assert m.dtype == l.dtype == A.dtype == torch.float32 and A.shape == F.shape
+    # s = f.v in fp32 FMA: within ~D u |f||v| of the float64 value; l and A scale by exp of that
+    tol_s = 1e-6 * F.double().norm(dim=1).max().item() * V.double().norm(dim=1).max().item() + 1e-7
+    assert (m.double() - wm).abs().max().item() <= tol_s
+    assert ((l.double() - wl).abs() <= (rel + 2 * tol_s) * wl).all()
+    err = (A.double() - wA).norm(dim=1)
+    assert (err <= (rel + 2 * tol_s) * wl * V.double().norm(dim=1).max() + 1e-30).all()
+
+
+SHAPES = [  # B, N, D
+    (1, 1, 1),         # the smallest call
+    (5, 95, 100),      # N < one block, D = 100
+    (7, 96, 16),       # N = one block exactly
+    (13, 97, 129),     # one block + one row, D = 129
+    (6, 1000, 128),    # B = one tile
+    (50, 2001, 33),    # B over one 48-row pass, several blocks per thread
+]
+
+
+@pytest.mark.parametrize("B,N,D", SHAPES)
+def test_matches_float64(B, N, D):
+    F, V = _data(B, N, D)
+    _check(F, V)
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_banks(bank_dtype):
+    # bf16/fp16 rows are widened exactly: the float64 definition sees the same values
+    F, V = _data(11, 700, 40, bank_dtype)
+    _check(F, V)
+
+
+def test_large_scores_are_stable():
+    # scores up to ~1/0.01 = 100: exp would overflow without the running max
+    F, V = _data(9, 500, 24, scale=100.0)
+    _check(F, V, rel=1e-4)
+
+
+def test_repeated_rows_and_threads():
+    # every row the same: l = N exactly (up to rounding), A = N v; one thread and the default split agree
+    F, _ = _data(4, 1, 20)
+    V = _data(1, 1, 20, seed=3)[1].expand(777, 20).contiguous()
+    _check(F, V)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.instdisc.softmax_online_state(F, V)
+    finally:
+        torch.set_num_threads(threads)
+    many = torch.ops.instdisc.softmax_online_state(F, V)
+    for a, b in zip(one, many):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+
+
+def test_argument_errors():
+    F, V = _data(3, 20, 8)
+    with pytest.raises(TypeError, match="features must be float32"):
+        torch.ops.instdisc.softmax_online_state(F.double(), V)
+    with pytest.raises(TypeError, match="bank must be float32, bfloat16 or float16"):
+        torch.ops.instdisc.softmax_online_state(F, V.double())
+    with pytest.raises(ValueError, match="bank's D = 8"):
+        torch.ops.instdisc.softmax_online_state(F[:, :5].contiguous(), V)
+    with pytest.raises(ValueError, match="non-empty"):
+        torch.ops.instdisc.softmax_online_state(F, V[:0])
