@@ -64,6 +64,13 @@ TORCH_LIBRARY(instdisc, m) {
   m.def("nce_shared_tile_nce_(Tensor(a!) scores) -> Tensor");
   m.def("nce_shared_tile_lse(Tensor scores) -> Tensor");
   m.def("nce_shared_tile_softmax_(Tensor(a!) scores, Tensor(b!) row_max, Tensor(c!) row_sum) -> Tensor");
+  // The same without the B x n tile (CPU only, avx2 capability or better): one pass over all K
+  // gathered rows, scores in register tiles; features float32 already divided by T.
+  //   nce_shared_nce_pass: x = features . rows^T + bias; returns (sum softplus(x) float64 0-dim,
+  //     sigmoid(x) @ rows (B, D) float32).
+  //   nce_shared_lse_pass: log sum exp(features . rows^T) over every entry (float64 0-dim).
+  m.def("nce_shared_nce_pass(Tensor features, Tensor rows, Tensor bias) -> (Tensor softplus_sum, Tensor weighted)");
+  m.def("nce_shared_lse_pass(Tensor features, Tensor rows) -> Tensor");
 
   // The exact softmax's fused CPU pass (ops/softmax.py, backend "cpu", precision "fp32"; CPU only,
   // avx2 capability or better): with s = f . v_j over every bank row v_j (features already divided

@@ -1,7 +1,8 @@
 // Epilogues of the shared-negative score tiles (ops/nce_shared.py, backend "cpu"), on raw
 // pointers, compiled once per CPU capability (kernel_variants.h, from nce_shared.cpp): no include
-// guard, no #include but simd_math.h. Each walks one row of a B x n tile that ATen's GEMM has just written (still
-// in cache) once, in place of the five to seven ATen passes of the eager path.
+// guard, no #include but simd_math.h, rows.h and fma_blocks.h. Each tile epilogue walks one row of
+// a B x n tile that ATen's GEMM has just written (still in cache) once, in place of the five to
+// seven ATen passes of the eager path; nce_pass and lse_pass (below) score the rows themselves.
 //
 // Every exp here has an argument <= 0 (exp(-|x|), exp(x - max)), so no result overflows. The AVX2
 // exp is simd::exp8 (simd_math.h: within 2 ulp; below -87.3 it gives 0). A NaN score stays NaN
@@ -186,5 +187,89 @@ void tile_softmax(acc_t* x, int64_t B, int64_t n, acc_t* m, acc_t* l, acc_t* sca
     }
   });
 }
+
+#if INSTDISC_VARIANT_LEVEL >= 1
+// The fused passes over the K gathered rows g (fma_blocks.h: scores, epilogue and weighted sum in
+// register tiles, never a B x chunk tile in memory), with F (B x D fp32) already divided by T.
+// One contiguous range of rows per thread; the per-thread results are merged in thread order.
+#include "rows.h"
+#include "fma_blocks.h"
+
+// NCE: x[b][j] = f_b . g_j + bias[j]; returns sum softplus(x) (float64); A (B x D) = sum_j sigmoid(x) g_j.
+template <typename row_t>
+double nce_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K, const float* bias, float* A) {
+  const int64_t Dp = fma_blocks::padded(D);
+  const auto Fp = fma_blocks::pad_features(F, B, D);
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::vector<double>> At(static_cast<size_t>(threads));
+  std::vector<double> sums(static_cast<size_t>(threads), 0.0);
+  const int64_t T = fma_blocks::split(K, [&](int64_t t, int64_t r0, int64_t r1) {
+    At[t].assign(static_cast<size_t>(B * Dp), 0.0);
+    double sum = 0;
+    fma_blocks::pass(Fp.data(), B, D, g, r0, r1, At[t].data(), [&](int64_t, int nq, int64_t j0, int64_t nr, float* S) {
+      for (int i = 0; i < nq; ++i) {
+        float* x = S + i * fma_blocks::SR;
+        for (int64_t j = 0; j < nr; ++j) x[j] += bias[j0 + j];
+        sum += nce_row(x, nr);  // x <- sigmoid(x)
+      }
+    });
+    sums[t] = sum;
+  });
+  double total = 0;
+  for (int64_t t = 0; t < T; ++t) total += sums[t];
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t d = 0; d < D; ++d) {
+      double a = 0;
+      for (int64_t t = 0; t < T; ++t) a += At[t][b * Dp + d];
+      A[b * D + d] = static_cast<float>(a);
+    }
+  }
+  return total;
+}
+
+// The Z estimate's pass: log sum exp of f_b . g_j over every b and j (float64; NaN if a score is).
+template <typename row_t>
+double lse_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K) {
+  const auto Fp = fma_blocks::pad_features(F, B, D);
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> Ms(static_cast<size_t>(threads)), sums(static_cast<size_t>(threads));
+  const int64_t T = fma_blocks::split(K, [&](int64_t t, int64_t r0, int64_t r1) {
+    float M = -std::numeric_limits<float>::infinity();
+    double sum = 0;
+    bool nan = false;
+    fma_blocks::pass(Fp.data(), B, D, g, r0, r1, nullptr, [&](int64_t, int nq, int64_t, int64_t nr, float* S) {
+      for (int i = 0; i < nq; ++i) {
+        float* x = S + i * fma_blocks::SR;
+        const float mx = row_max(x, nr);
+        nan = nan || mx != mx;
+        if (nan || mx == -std::numeric_limits<float>::infinity() || M == std::numeric_limits<float>::infinity())
+          continue;
+        if (mx == std::numeric_limits<float>::infinity()) {  // an overflowed score: the sum is +inf
+          M = mx;
+          sum = 1;
+          continue;
+        }
+        if (mx > M) {
+          sum *= std::exp(static_cast<double>(M) - mx);  // 0 on the first row (M = -inf)
+          M = mx;
+        }
+        sum += row_exp_sum<float, false>(x, nr, M);
+      }
+    });
+    Ms[t] = nan ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(M);
+    sums[t] = sum;
+  });
+  double M = -std::numeric_limits<double>::infinity();
+  for (int64_t t = 0; t < T; ++t) {
+    if (Ms[t] != Ms[t]) return Ms[t];
+    M = std::max(M, Ms[t]);
+  }
+  if (!std::isfinite(M)) return M;
+  double total = 0;
+  for (int64_t t = 0; t < T; ++t)
+    if (sums[t] > 0) total += sums[t] * std::exp(Ms[t] - M);
+  return M + std::log(total);
+}
+#endif
 
 }  // namespace

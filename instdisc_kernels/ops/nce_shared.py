@@ -47,11 +47,14 @@ Implementations (TABLE below; docs/backends.md):
       K-chunks of ``chunk_size`` columns (default ops/softmax.default_chunk_size),
       the epilogue per B x chunk tile in preallocated buffers; peak extra
       memory O(K D + B chunk), never B x K; any device (cuBLAS on CUDA tensors).
-  "cpu"    -> instdisc::nce_shared_forward_cpu: the same tiles and ATen GEMMs, each tile's
-      epilogue one C++ pass while the tile is in cache (csrc/cpu/nce_shared.cpp:
-      nce_shared_tile_nce_ for NCE's softplus sum and sigmoid weights, nce_shared_tile_lse
-      for the Z estimate, nce_shared_tile_softmax_ for InfoNCE's online softmax) instead of
-      five to seven ATen elementwise passes; CPU only.
+  "cpu"    -> instdisc::nce_shared_forward_cpu; CPU only. With fp32 products and fp32 features
+      on an AVX2+ CPU each pass over the K gathered rows is one C++ op that keeps the scores in
+      register tiles (no B x chunk tile, no per-chunk ATen call): nce_shared_lse_pass for the
+      Z estimate, nce_shared_nce_pass for NCE's softplus sum and sigmoid-weighted row sum
+      (csrc/cpu/nce_shared.cpp), softmax_online_state for InfoNCE (csrc/cpu/softmax.cpp).
+      Otherwise the same tiles and ATen GEMMs as "eager", each tile's epilogue one C++ pass
+      while the tile is in cache (nce_shared_tile_nce_, nce_shared_tile_lse,
+      nce_shared_tile_softmax_) instead of five to seven ATen elementwise passes.
   "triton" -> instdisc::nce_shared_forward_triton (ops/nce_shared_triton.py).
   No CUDA C++ kernel ("cuda"). ``forward_full`` below computes the full
   B x K block with an explicit mask (tests cross-check against it; not a backend).
@@ -89,7 +92,7 @@ from . import _saved_grad
 from ._formulas import EPS, nce_negative, nce_positive, opmath, product_operand, proximal_terms
 from .bank_update import backend_after_loss
 from .nce import LOSS_TYPES, draw_negatives, finish_step
-from .softmax import PRECISIONS, default_chunk_size, softmax_step
+from .softmax import PRECISIONS, cpu_one_pass, default_chunk_size, softmax_step
 
 LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
 
@@ -301,22 +304,31 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
     t0, prox_loss, prox_grad = positive_terms(F, Vy, T, proximal)
     cnt = masked_counts(indices, neg_indices, acc) if exclude_positive else None
     chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, K), K)
-    tiles = _Tiles(Fs, G, chunk, acc, fused)
-    A = torch.zeros(B, D, dtype=acc, device=F.device)
+    # fused with fp32 products on an AVX2+ CPU: each pass over the K rows is one C++ op (scores in
+    # register tiles, no B x chunk tile; csrc/cpu/nce_shared.cpp, softmax.cpp)
+    one_pass = fused and precision == "fp32" and cpu_one_pass(Fs, G)
+    tiles = None if one_pass else _Tiles(Fs, G, chunk, acc, fused)
     z_out = z.to(torch.float32).clone()
     if loss_type == 1:
-        m = torch.full((B,), float("-inf"), dtype=acc, device=F.device)
-        l = torch.zeros(B, dtype=acc, device=F.device)
-        work = (torch.empty(B, dtype=acc, device=F.device), torch.empty(B, dtype=acc, device=F.device))
-        for start, n in tiles:
-            S, Gc = tiles.scores(start, n)
-            scale = tiles.softmax_step(S, m, l, work)
-            A.mul_(scale[:, None])
-            tiles.accumulate(A, S, Gc)
+        if one_pass:
+            m, l, A = torch.ops.instdisc.softmax_online_state(Fs, G)
+        else:
+            A = torch.zeros(B, D, dtype=acc, device=F.device)
+            m = torch.full((B,), float("-inf"), dtype=acc, device=F.device)
+            l = torch.zeros(B, dtype=acc, device=F.device)
+            work = (torch.empty(B, dtype=acc, device=F.device), torch.empty(B, dtype=acc, device=F.device))
+            for start, n in tiles:
+                S, Gc = tiles.scores(start, n)
+                scale = tiles.softmax_step(S, m, l, work)
+                A.mul_(scale[:, None])
+                tiles.accumulate(A, S, Gc)
         loss, grad = infonce_finish(m, l, A, t0, cnt, Vy, T)
         return _finish(loss, grad, prox_loss, prox_grad, z_out)
     if float(z[0]) <= 0 or z_ema > 0:
-        log_all = _log_sum_exp_all(tiles, t0)
+        if one_pass:
+            log_all = torch.logaddexp(torch.logsumexp(t0.double(), 0), torch.ops.instdisc.nce_shared_lse_pass(Fs, G))
+        else:
+            log_all = _log_sum_exp_all(tiles, t0)
         if cnt is not None:      # remove the masked entries (each has the positive's score)
             log_mask = torch.logsumexp(t0.double() + torch.log(cnt.double()), 0)
             log_all = log_all + torch.log1p(-torch.exp(log_mask - log_all).clamp_max(1 - 1e-16))
@@ -327,11 +339,15 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
         log_z = combine_log_z(None, z, 0.0)
     c = noise_c(neg_indices, N, K, noise_probs, acc)                    # (K,)
     bias = -(torch.log(c) + log_z.to(acc))
-    lsum = torch.zeros((), dtype=torch.float64, device=F.device)
-    for start, n in tiles:
-        S, Gc = tiles.scores(start, n, bias)
-        lsum += tiles.nce_epilogue(S)
-        tiles.accumulate(A, S, Gc)
+    if one_pass:
+        lsum, A = torch.ops.instdisc.nce_shared_nce_pass(Fs, G, bias)
+    else:
+        A = torch.zeros(B, D, dtype=acc, device=F.device)
+        lsum = torch.zeros((), dtype=torch.float64, device=F.device)
+        for start, n in tiles:
+            S, Gc = tiles.scores(start, n, bias)
+            lsum += tiles.nce_epilogue(S)
+            tiles.accumulate(A, S, Gc)
     K_consts = B * torch.log(c.double() / (c.double() - EPS)).sum()
     c0 = noise_c(indices, N, K, noise_probs, acc)
     pos, coef0 = nce_positive_and_masks(t0, log_z, c0, cnt, K_consts)
@@ -432,6 +448,16 @@ if _backend.op_handle("nce_shared_tile_nce_") is not None:     # a build with th
     @torch.library.register_fake("instdisc::nce_shared_tile_softmax_")
     def _tile_softmax_fake(scores, row_max, row_sum):
         return scores.new_empty((scores.shape[0],))
+
+if _backend.op_handle("nce_shared_nce_pass") is not None:
+    @torch.library.register_fake("instdisc::nce_shared_nce_pass")
+    def _nce_pass_fake(features, rows, bias):
+        return features.new_empty((), dtype=torch.float64), features.new_empty(features.shape)
+
+    @torch.library.register_fake("instdisc::nce_shared_lse_pass")
+    def _lse_pass_fake(features, rows):
+        return features.new_empty((), dtype=torch.float64)
+
 try:
     from . import nce_shared_triton  # noqa: F401  (defines instdisc::nce_shared_forward_triton)
 except ImportError:

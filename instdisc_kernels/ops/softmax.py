@@ -149,7 +149,7 @@ def softmax_step(S, m, l, work, fused=False):
     return scale
 
 
-def _fused_state(F, memory):
+def cpu_one_pass(F, memory):
     """Whether online_state can be the one C++ pass (instdisc::softmax_online_state): fp32
     features, an fp32/bf16/fp16 bank on CPU, AVX2 + FMA tiles built and chosen."""
     return (_backend.CPU_FMA_TILES and F.device.type == "cpu" and F.dtype == torch.float32
@@ -168,7 +168,7 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=F
     """(m, l, A) after one streaming pass over the bank rows ``memory``, with S = F V^T / T:
     m[b] = max_j S[b,j], l[b] = sum_j exp(S[b,j] - m[b]), A[b] = sum_j exp(S[b,j] - m[b]) V[j]
     (F already in the op's dtype). The sharded bank merges these across shards. fused (CPU): the
-    whole pass in C++ (softmax_online_state) where _fused_state allows, else each chunk's
+    whole pass in C++ (softmax_online_state) where cpu_one_pass allows, else each chunk's
     softmax_step is one C++ pass over the B x chunk block.
 
     Every per-chunk block lives in buffers allocated once per call (``out=`` and
@@ -176,7 +176,7 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=F
     whenever the allocator has returned memory to the OS (measured 8x slower
     right after an eager step had freed its 1.2 GB logits)."""
     acc = F.dtype
-    if fused and precision == "fp32" and _fused_state(F, memory):
+    if fused and precision == "fp32" and cpu_one_pass(F, memory):
         return torch.ops.instdisc.softmax_online_state(F / temperature, memory)
     Fs = product_operand(F / temperature, precision, acc)
     cd = Fs.dtype                                               # dtype of the chunk products

@@ -168,6 +168,9 @@ def _child(checks=True):
                 checked += 1
     from helpers.tile_epilogues import check_tile_epilogues
     checked += check_tile_epilogues(ops)      # the shared negatives' tile epilogues
+    if ops.cpu_capability() != "default":     # and their one-pass ops (FMA tiles)
+        from helpers.tile_epilogues import check_fused_passes
+        checked += check_fused_passes(ops)
     from helpers.negative_stream import check_negative_stream
     checked += check_negative_stream(ops)     # the in-kernel negatives against docs/negatives.md
     print(json.dumps({"capability": ops.cpu_capability(), "checked": checked}))

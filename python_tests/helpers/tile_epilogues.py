@@ -45,3 +45,31 @@ def check_tile_epilogues(ops):
     ops.nce_shared_tile_softmax_(nan_row.clone(), m, l)
     assert math.isnan(float(m)) and math.isnan(float(l))
     return checked + 1
+
+
+def check_fused_passes(ops):
+    """The one-pass ops over K gathered rows (nce_shared_nce_pass, nce_shared_lse_pass; avx2 and up)
+    against float64 torch: odd B, K and D (across the 6-row tiles, 96-row blocks and 16-value
+    groups), every row dtype, scores up to ~|60|. Returns the number of checks."""
+    g = torch.Generator().manual_seed(12)
+    checked = 0
+    for (B, K, D), dtype in (((1, 1, 1), torch.float32), ((7, 97, 100), torch.float32),
+                             ((13, 300, 33), torch.bfloat16), ((6, 96, 128), torch.float16),
+                             ((50, 1000, 20), torch.float32)):
+        rows = torch.nn.functional.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1).to(dtype)
+        F = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1).float() / 0.07
+        bias = (torch.randn(K, generator=g) * 3 - 5).float()
+        S = F.double() @ rows.double().t()
+        # each score is within ~D u |f| |g| of the float64 one (fp32 FMA): the error budgets below scale by it
+        es = 2 * D * U32 * float(F.double().norm(dim=1).max()) + 1e-7
+        total, A = ops.nce_shared_nce_pass(F, rows, bias)
+        x = S + bias.double()
+        want = torch.nn.functional.softplus(x).sum()
+        assert total.dtype == torch.float64 and A.shape == F.shape and A.dtype == torch.float32
+        assert abs(float(total - want)) <= (es + 8 * U32) * x.numel(), (B, K, D, "softplus sum")
+        wa = torch.sigmoid(x) @ rows.double()
+        assert (A.double() - wa).abs().max().item() <= (es + 8 * U32) * K, (B, K, D, "sigmoid-weighted sum")
+        lse = ops.nce_shared_lse_pass(F, rows)
+        assert abs(float(lse - torch.logsumexp(S.view(-1), 0))) <= es + 8 * U32, (B, K, D, "lse")
+        checked += 3
+    return checked

@@ -7,7 +7,8 @@ import torch
 
 import instdisc_kernels as ik
 from helpers.alloc import AllocTracker
-from helpers.tile_epilogues import check_tile_epilogues
+from helpers.tile_epilogues import check_fused_passes, check_tile_epilogues
+from instdisc_kernels import _backend
 from instdisc_kernels import reference as ref
 from instdisc_kernels.ops import _formulas
 from instdisc_kernels.ops import nce_shared as NS
@@ -135,6 +136,33 @@ def test_cpu_tile_epilogues_match_float64():
     # the C++ one-pass epilogues of the "cpu" backend on edge values (more under every CPU
     # capability in python_tests/backends/test_cpu_capability.py)
     assert check_tile_epilogues(torch.ops.instdisc) >= 20
+
+
+@pytest.mark.skipif(not _backend.CPU_FMA_TILES, reason="the one-pass ops need the avx2 CPU capability or better")
+def test_cpu_fused_passes_match_float64():
+    # the one-pass ops the "cpu" backend runs with fp32 products (the oracle tests above run them
+    # end to end; the tile epilogues stay for bf16 products, float64 and the "default" capability)
+    assert check_fused_passes(torch.ops.instdisc) >= 15
+
+
+@pytest.mark.parametrize("loss_type", [0, 1])
+@pytest.mark.parametrize("z", [0.0, 3.0])
+def test_cpu_one_pass_agrees_with_its_tile_path(loss_type, z, monkeypatch):
+    # the same step through the one-pass ops and through the ATen tiles + C++ epilogues
+    if not (_backend.CPU_FMA_TILES and _backend.has_kernel("nce_shared_nce_pass", "CPU")):
+        pytest.skip("the one-pass ops need the C++ extension and the avx2 CPU capability or better")
+    g = torch.Generator().manual_seed(5)
+    N, B, K, D = 700, 9, 301, 37
+    mem = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
+    f = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+    y = torch.randint(0, N, (B,), generator=g)
+    neg = torch.cat([y[:2], torch.randint(0, N, (K - 2,), generator=g)])       # two shared = a positive
+    args = (f, mem, y, neg, torch.tensor([z]), 0.07, 0.0, loss_type, 0.0, True, None, "fp32", 64)
+    one = NS.forward_cpu(*args)
+    monkeypatch.setattr(NS, "cpu_one_pass", lambda F, rows: False)
+    tiles = NS.forward_cpu(*args)
+    for a, b in zip(one, tiles):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["full", "eager", "cpu"])
