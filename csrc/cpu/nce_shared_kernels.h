@@ -29,18 +29,47 @@ inline void nce_entry(acc_t& x, double& pos, double& prod) {
   prod *= 1.0 + e;
 }
 
-// Row epilogue of lemniscate NCE: x[0..n) <- sigmoid(x); returns sum softplus(x) in double. The
-// logs of the (1 + e) factors (each in (1, 2]) are taken as one log of their double product per
-// 256 vectors (a product of m factors is off by <= m 2^-53 relative).
-template <typename acc_t>
-double nce_row(acc_t* x, int64_t n) {
+// Running sums of lemniscate NCE row epilogues: sum softplus(x) = sum max(x, 0) + log prod (1 + e),
+// e = exp(-|x|). The factors (each in (1, 2]) are multiplied in double, per lane, and their log is
+// taken once per 256 vectors (scalar: 512 entries), not once per row: a product of m factors is off
+// by <= m 2^-53 relative. One NceSums may run over many rows (nce_pass: a thread's whole range).
+struct NceSums {
   double pos = 0, logs = 0, prod = 1;
+  int scalar = 0;
+#if INSTDISC_VARIANT_LEVEL >= 1
+  __m256d p0, p1, s0, s1;
+  int blocks = 0;
+  NceSums() : p0(_mm256_set1_pd(1.0)), p1(p0), s0(_mm256_setzero_pd()), s1(s0) {}
+  void flush_vectors() {
+    double l[8];
+    _mm256_storeu_pd(l, p0);
+    _mm256_storeu_pd(l + 4, p1);
+    for (double f : l) logs += std::log(f);
+    p0 = p1 = _mm256_set1_pd(1.0);
+    blocks = 0;
+  }
+#endif
+  double total() {
+#if INSTDISC_VARIANT_LEVEL >= 1
+    flush_vectors();
+    pos += hsum(_mm256_add_pd(s0, s1));
+    s0 = s1 = _mm256_setzero_pd();
+#endif
+    logs += std::log(prod);
+    prod = 1;
+    scalar = 0;
+    return pos + logs;
+  }
+};
+
+// Row epilogue of lemniscate NCE: x[0..n) <- sigmoid(x), softplus(x) added into s.
+template <typename acc_t>
+void nce_row(acc_t* x, int64_t n, NceSums& s) {
   int64_t i = 0;
 #if INSTDISC_VARIANT_LEVEL >= 1
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-    __m256d p0 = _mm256_set1_pd(1.0), p1 = p0, s0 = _mm256_setzero_pd(), s1 = s0;
-    int blocks = 0;
+    const __m256d one_d = _mm256_set1_pd(1.0);
     for (; i + 8 <= n; i += 8) {
       const __m256 v = _mm256_loadu_ps(x + i);
       const __m256 e = exp8(_mm256_or_ps(v, sign));  // exp(-|x|)
@@ -48,35 +77,22 @@ double nce_row(acc_t* x, int64_t n) {
       const __m256 nonneg = _mm256_cmp_ps(v, zero, _CMP_GE_OQ);
       _mm256_storeu_ps(x + i, _mm256_blendv_ps(_mm256_mul_ps(e, inv), inv, nonneg));
       const __m256 vp = _mm256_blendv_ps(zero, v, _mm256_or_ps(nonneg, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(vp)));
-      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(vp, 1)));
-      const __m256d one_d = _mm256_set1_pd(1.0);
-      p0 = _mm256_mul_pd(p0, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_castps256_ps128(e))));
-      p1 = _mm256_mul_pd(p1, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
-      if (++blocks == 256) {  // 2^256 < the double range
-        double l[8];
-        _mm256_storeu_pd(l, p0);
-        _mm256_storeu_pd(l + 4, p1);
-        for (double f : l) logs += std::log(f);
-        p0 = p1 = _mm256_set1_pd(1.0);
-        blocks = 0;
-      }
+      s.s0 = _mm256_add_pd(s.s0, _mm256_cvtps_pd(_mm256_castps256_ps128(vp)));
+      s.s1 = _mm256_add_pd(s.s1, _mm256_cvtps_pd(_mm256_extractf128_ps(vp, 1)));
+      s.p0 = _mm256_mul_pd(s.p0, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_castps256_ps128(e))));
+      s.p1 = _mm256_mul_pd(s.p1, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
+      if (++s.blocks == 256) s.flush_vectors();  // 2^256 < the double range
     }
-    double l[8];
-    _mm256_storeu_pd(l, p0);
-    _mm256_storeu_pd(l + 4, p1);
-    for (double f : l) logs += std::log(f);
-    pos = hsum(_mm256_add_pd(s0, s1));
   }
 #endif
-  for (int64_t j = 0; i < n; ++i, ++j) {
-    nce_entry(x[i], pos, prod);
-    if ((j & 511) == 511) {
-      logs += std::log(prod);
-      prod = 1;
+  for (; i < n; ++i) {
+    nce_entry(x[i], s.pos, s.prod);
+    if (++s.scalar == 512) {
+      s.logs += std::log(s.prod);
+      s.prod = 1;
+      s.scalar = 0;
     }
   }
-  return pos + logs + std::log(prod);
 }
 
 // Max of a row (NaN if the row holds a NaN).
@@ -137,7 +153,11 @@ template <typename acc_t>
 double tile_nce(acc_t* x, int64_t B, int64_t n) {
   std::vector<double> rows(B);
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows[b] = nce_row(x + b * n, n);
+    for (int64_t b = b0; b < b1; ++b) {
+      NceSums s;
+      nce_row(x + b * n, n, s);
+      rows[b] = s.total();
+    }
   });
   double total = 0;
   for (double r : rows) total += r;  // in row order: independent of the thread count
@@ -205,15 +225,15 @@ double nce_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K,
   std::vector<double> sums(static_cast<size_t>(threads), 0.0);
   const int64_t T = fma_blocks::split(K, [&](int64_t t, int64_t r0, int64_t r1) {
     At[t].assign(static_cast<size_t>(B * Dp), 0.0);
-    double sum = 0;
+    NceSums sum;  // the whole range's terms: one log per 256 vectors, not per row and block
     fma_blocks::pass(Fp.data(), B, D, g, r0, r1, At[t].data(), [&](int64_t, int nq, int64_t j0, int64_t nr, float* S) {
       for (int i = 0; i < nq; ++i) {
         float* x = S + i * fma_blocks::SR;
         for (int64_t j = 0; j < nr; ++j) x[j] += bias[j0 + j];
-        sum += nce_row(x, nr);  // x <- sigmoid(x)
+        nce_row(x, nr, sum);  // x <- sigmoid(x)
       }
     });
-    sums[t] = sum;
+    sums[t] = sum.total();
   });
   double total = 0;
   for (int64_t t = 0; t < T; ++t) total += sums[t];
