@@ -125,9 +125,11 @@ def combine_log_z(log_est, z, z_ema):
                                                                            dtype=torch.float64, device=z.device))
     else:
         return torch.tensor(math.log(z0), dtype=torch.float64, device=z.device)
-    if bool(torch.isnan(log_z)):   # a NaN/inf score (bank row): nce_loss's output check names the row
+    # NaN or +-inf from float64 sums of float32 scores: a non-finite score (bank row), which
+    # nce_loss's output check names; only a finite estimate can be too large for float32
+    if not bool(torch.isfinite(log_z)):
         return log_z
-    if not bool(torch.isfinite(log_z)) or float(log_z) > LOG_F32_MAX:
+    if float(log_z) > LOG_F32_MAX:
         raise ValueError(f"the Z estimate exp({float(log_z):.4g}) is not representable in float32: the scores "
                          "s/T are too large (normalise the features/bank rows or raise the temperature)")
     return log_z
@@ -306,7 +308,8 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
     chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, K), K)
     # fused with fp32 products on an AVX2+ CPU: each pass over the K rows is one C++ op (scores in
     # register tiles, no B x chunk tile; csrc/cpu/nce_shared.cpp, softmax.cpp)
-    one_pass = fused and precision == "fp32" and cpu_one_pass(Fs, G)
+    one_pass = (fused and precision == "fp32" and cpu_one_pass(Fs, G)
+                and _backend.has_kernel("nce_shared_nce_pass", "CPU"))
     tiles = None if one_pass else _Tiles(Fs, G, chunk, acc, fused)
     z_out = z.to(torch.float32).clone()
     if loss_type == 1:

@@ -72,4 +72,49 @@ def check_fused_passes(ops):
         lse = ops.nce_shared_lse_pass(F, rows)
         assert abs(float(lse - torch.logsumexp(S.view(-1), 0))) <= es + 8 * U32, (B, K, D, "lse")
         checked += 3
-    return checked
+    return checked + _fused_pass_edges(ops, g)
+
+
+def _fused_pass_edges(ops, g):
+    """A NaN/+inf/-inf row among finite ones in the last of several 96-row blocks never gives a
+    finite result; one thread and two agree (K = 1000: ranges of whole blocks per thread); bad
+    arguments are named."""
+    import pytest
+    checked = 0
+    B, K, D = 7, 1000, 20
+    rows = torch.nn.functional.normalize(torch.randn(K, D, generator=g), dim=1)
+    F = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1) / 0.07
+    bias = torch.full((K,), -4.0)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        r = rows.clone()
+        r[K - 3, 5] = bad
+        total, A = ops.nce_shared_nce_pass(F, r, bias)
+        assert not (math.isfinite(float(total)) and bool(torch.isfinite(A).all())), ("nce_pass", bad)
+        assert not math.isfinite(float(ops.nce_shared_lse_pass(F, r))) or bad == float("-inf"), ("lse_pass", bad)
+        checked += 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.nce_shared_nce_pass(F, rows, bias), ops.nce_shared_lse_pass(F, rows)
+        torch.set_num_threads(max(2, threads))
+        many = ops.nce_shared_nce_pass(F, rows, bias), ops.nce_shared_lse_pass(F, rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(float(one[0][0] - many[0][0])) <= 1e-9 * abs(float(one[0][0])) + 1e-9
+    assert torch.allclose(one[0][1], many[0][1], rtol=1e-5, atol=1e-6)
+    # each thread's exp(s - M_t) is an fp32 exp (2 ulp) with its own shift M_t: log-sum-exp within ~4 u
+    assert abs(float(one[1] - many[1])) <= 8 * U32
+    checked += 3
+    with pytest.raises(TypeError, match="rows must be float32, bfloat16 or float16"):
+        ops.nce_shared_nce_pass(F, rows.double(), bias)
+    with pytest.raises(TypeError, match="features must be float32"):
+        ops.nce_shared_lse_pass(F.double(), rows)
+    with pytest.raises(ValueError, match="bias must be a float32 CPU"):
+        ops.nce_shared_nce_pass(F, rows, bias[:-1])
+    with pytest.raises(ValueError, match="bias must be a float32 CPU"):
+        ops.nce_shared_nce_pass(F, rows, bias.double())
+    with pytest.raises(ValueError, match="rows' D = 20"):
+        ops.nce_shared_nce_pass(F[:, :7], rows, bias)
+    total, A = ops.nce_shared_nce_pass(F.t().contiguous().t(), rows, bias)   # non-contiguous features
+    assert torch.allclose(A, one[0][1], rtol=1e-5, atol=1e-6)
+    return checked + 6

@@ -373,12 +373,13 @@ def test_never_allocates_b_by_k():
 
 @pytest.mark.parametrize("backend", PUBLIC)
 @pytest.mark.parametrize("loss_type", ["nce", "infonce"])
-def test_shared_negatives_report_a_non_finite_bank_row_before_any_write(backend, loss_type):
-    # the same post-op checks as per-sample nce_loss: a NaN row among the K shared rows is named,
-    # and neither the bank nor the Z state changes
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_shared_negatives_report_a_non_finite_bank_row_before_any_write(backend, loss_type, bad):
+    # the same post-op checks as per-sample nce_loss: a NaN/+inf/-inf row among the K shared rows
+    # is named (with Z estimated from this batch), and neither the bank nor the Z state changes
     g = torch.Generator().manual_seed(3)
     memory = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
-    memory[11, 3] = float("nan")
+    memory[11, 3] = bad
     x = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1).requires_grad_()
     y = torch.tensor([0, 5, 5, 39])
     z = torch.tensor([-1.0])

@@ -87,6 +87,34 @@ def test_repeated_rows_and_threads():
         assert torch.allclose(a, b, rtol=1e-5, atol=0)
 
 
+def test_thread_ranges_merge_with_different_maxima():
+    # random rows, the largest score in the last 96-row block: with 2+ threads each range has its own
+    # max, so the merge rescales (exp(m_t - m) < 1); the result equals the float64 state and one thread's
+    F, V = _data(5, 1000, 24)
+    V[-2] = torch.nn.functional.normalize(F[0].double(), dim=0).to(V.dtype)   # row 0's best match, last block
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.instdisc.softmax_online_state(F, V)
+        torch.set_num_threads(max(2, threads))
+        _check(F, V)
+        many = torch.ops.instdisc.softmax_online_state(F, V)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_bank_row_gives_a_non_finite_state(bad):
+    # the softmax's output check names the row from a non-finite state; one bad row in the last
+    # of several blocks must not be averaged away
+    F, V = _data(4, 500, 16)
+    V[450, 3] = bad
+    m, l, A = torch.ops.instdisc.softmax_online_state(F, V)
+    assert not bool(torch.isfinite(l).all() and torch.isfinite(A).all() and torch.isfinite(m).all())
+
+
 def test_argument_errors():
     F, V = _data(3, 20, 8)
     with pytest.raises(TypeError, match="features must be float32"):
