@@ -8,7 +8,6 @@
 //   nce_shared_nce_pass(f, g, bias)      sum softplus(f.g + bias) and sum sigmoid(f.g + bias) g
 //   nce_shared_lse_pass(f, g)            log sum exp(f.g) over every entry (float64, 0-dim)
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,11 +15,11 @@
 
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #define INSTDISC_KERNELS "nce_shared_kernels.h"  // compiled once per CPU capability
 #include "kernel_variants.h"
+#include "fma_pass_op.h"
 
 namespace instdisc {
 namespace {
@@ -67,47 +66,11 @@ at::Tensor tile_softmax_cpu(at::Tensor x, at::Tensor m, at::Tensor l) {
   return scale;
 }
 
-// The fused passes (AVX2 + FMA builds): features (B, D) float32 already divided by T, rows (K, D)
-// float32/bf16/fp16 (the gathered negatives), bias (K,) float32.
-void check_pass(const at::Tensor& features, const at::Tensor& rows, const char* op) {
-  checks::bank(rows, c10::DeviceType::CPU, "rows");
-  INSTDISC_CHECK_VALUE(
-      features.device().is_cpu() && features.dim() == 2 && features.size(0) > 0 && features.size(1) == rows.size(1), op,
-      ": features must be a non-empty CPU (B, D) tensor with the rows' D = ", rows.size(1), ", got shape ",
-      features.sizes());
-  INSTDISC_CHECK_TYPE(features.scalar_type() == at::kFloat, op, ": features must be float32, got ",
-                      features.scalar_type());
-  const auto t = rows.scalar_type();
-  INSTDISC_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
-                      ": rows must be float32, bfloat16 or float16, got ", t);
-  INSTDISC_CHECK_VALUE(cpu::capability() != cpu::Capability::kDefault, op,
-                       " needs the avx2 CPU capability or better, this process runs ",
-                       cpu::capability_name(cpu::capability()));
-}
-
-// Calls fn(cap_namespace_tag, const scalar_t* rows) for the rows' dtype under the avx2/avx512 build.
-#if defined(INSTDISC_CPU_VARIANTS)
-#define INSTDISC_FMA_PASS(rows, NAME, ...)                                                  \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), NAME, [&] { \
-    if constexpr (!std::is_same_v<scalar_t, double>) {                                      \
-      const auto* g = rows.data_ptr<scalar_t>();                                            \
-      if (cpu::capability() == cpu::Capability::kAvx2) {                                    \
-        namespace cap = cpu_avx2;                                                           \
-        __VA_ARGS__;                                                                        \
-      } else {                                                                              \
-        namespace cap = cpu_avx512;                                                         \
-        __VA_ARGS__;                                                                        \
-      }                                                                                     \
-    }                                                                                       \
-  })
-#else
-#define INSTDISC_FMA_PASS(rows, NAME, ...) \
-  INSTDISC_CHECK_VALUE(false, NAME, ": no per-capability CPU kernels in this build")
-#endif
-
+// The fused passes (AVX2 + FMA builds; checks and dispatch in fma_pass_op.h): features (B, D)
+// float32 already divided by T, rows (K, D) float32/bf16/fp16 (the gathered negatives), bias (K,) float32.
 std::tuple<at::Tensor, at::Tensor> nce_pass_cpu(const at::Tensor& features, const at::Tensor& rows,
                                                 const at::Tensor& bias) {
-  check_pass(features, rows, "nce_shared_nce_pass");
+  check_fma_pass(features, rows, "nce_shared_nce_pass", "rows");
   INSTDISC_CHECK_VALUE(
       bias.device().is_cpu() && bias.dim() == 1 && bias.size(0) == rows.size(0) && bias.scalar_type() == at::kFloat,
       "nce_shared_nce_pass: bias must be a float32 CPU (K,) tensor, K = ", rows.size(0));
@@ -123,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> nce_pass_cpu(const at::Tensor& features, cons
 }
 
 at::Tensor lse_pass_cpu(const at::Tensor& features, const at::Tensor& rows) {
-  check_pass(features, rows, "nce_shared_lse_pass");
+  check_fma_pass(features, rows, "nce_shared_lse_pass", "rows");
   const auto F = features.contiguous();
   const auto G = rows.contiguous();
   double out = 0;

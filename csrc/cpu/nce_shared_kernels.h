@@ -148,6 +148,21 @@ double row_exp_sum(acc_t* x, int64_t n, acc_t shift) {
   return s;
 }
 
+// log sum exp from n partial (max, sum exp(x - max)) pairs: NaN if a max is, +-inf if the largest
+// max is (a sum is used only where it is > 0).
+inline double merge_lse(const double* mx, const double* sm, int64_t n) {
+  double M = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (mx[i] != mx[i]) return mx[i];
+    M = std::max(M, mx[i]);
+  }
+  if (!std::isfinite(M)) return M;
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (sm[i] > 0) total += sm[i] * std::exp(mx[i] - M);
+  return M + std::log(total);
+}
+
 // The three tile epilogues (B rows of n entries, row-major, contiguous).
 template <typename acc_t>
 double tile_nce(acc_t* x, int64_t B, int64_t n) {
@@ -175,16 +190,7 @@ double tile_lse(acc_t* x, int64_t B, int64_t n) {
       sm[b] = std::isfinite(m) ? row_exp_sum<acc_t, false>(x + b * n, n, m) : 0.0;
     }
   });
-  double M = -std::numeric_limits<double>::infinity();
-  for (double m : mx) {
-    if (m != m) return m;
-    M = std::max(M, m);
-  }
-  if (!std::isfinite(M)) return M;
-  double total = 0;
-  for (int64_t b = 0; b < B; ++b)
-    if (sm[b] > 0) total += sm[b] * std::exp(mx[b] - M);
-  return M + std::log(total);
+  return merge_lse(mx.data(), sm.data(), B);
 }
 
 // InfoNCE's online softmax, one tile: per row, M' = max(m, max x), scale = exp(m - M'),
@@ -279,16 +285,7 @@ double lse_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K)
     Ms[t] = nan ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(M);
     sums[t] = sum;
   });
-  double M = -std::numeric_limits<double>::infinity();
-  for (int64_t t = 0; t < T; ++t) {
-    if (Ms[t] != Ms[t]) return Ms[t];
-    M = std::max(M, Ms[t]);
-  }
-  if (!std::isfinite(M)) return M;
-  double total = 0;
-  for (int64_t t = 0; t < T; ++t)
-    if (sums[t] > 0) total += sums[t] * std::exp(Ms[t] - M);
-  return M + std::log(total);
+  return merge_lse(Ms.data(), sums.data(), T);
 }
 #endif
 

@@ -9,7 +9,6 @@
 // are merged at the end. Needs AVX2 + FMA (the avx2/avx512 capabilities; softmax.py keeps its
 // chunked ATen path under "default").
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,45 +21,23 @@
 
 #define INSTDISC_KERNELS "softmax_kernels.h"  // compiled once per CPU capability
 #include "kernel_variants.h"
+#include "fma_pass_op.h"
 
 namespace instdisc {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_online_state_cpu(const at::Tensor& features,
                                                                         const at::Tensor& bank) {
-  checks::bank(bank, c10::DeviceType::CPU, "bank");
-  INSTDISC_CHECK_VALUE(
-      features.device().is_cpu() && features.dim() == 2 && features.size(0) > 0 && features.size(1) == bank.size(1),
-      "features must be a non-empty CPU (B, D) tensor with the bank's D = ", bank.size(1), ", got shape ",
-      features.sizes());
-  INSTDISC_CHECK_TYPE(features.scalar_type() == at::kFloat, "features must be float32, got ", features.scalar_type());
-  const auto bt = bank.scalar_type();
-  INSTDISC_CHECK_TYPE(bt == at::kFloat || bt == at::kBFloat16 || bt == at::kHalf,
-                      "bank must be float32, bfloat16 or float16, got ", bt);
-  INSTDISC_CHECK_VALUE(cpu::capability() != cpu::Capability::kDefault,
-                       "softmax_online_state needs the avx2 CPU capability or better, this process runs ",
-                       cpu::capability_name(cpu::capability()));
+  check_fma_pass(features, bank, "softmax_online_state", "bank");
   const auto F = features.contiguous();
   const auto V = bank.contiguous();
   const int64_t B = F.size(0), D = F.size(1), N = V.size(0);
   auto m = at::empty({B}, F.options());
   auto l = at::empty({B}, F.options());
   auto A = at::empty({B, D}, F.options());
-#if defined(INSTDISC_CPU_VARIANTS)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bt, "softmax_online_state", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      const auto* v = V.data_ptr<scalar_t>();
-      if (cpu::capability() == cpu::Capability::kAvx2)
-        cpu_avx2::softmax_state<scalar_t>(F.data_ptr<float>(), B, D, v, N, m.data_ptr<float>(), l.data_ptr<float>(),
-                                          A.data_ptr<float>());
-      else
-        cpu_avx512::softmax_state<scalar_t>(F.data_ptr<float>(), B, D, v, N, m.data_ptr<float>(), l.data_ptr<float>(),
-                                            A.data_ptr<float>());
-    }
-  });
-#else
-  INSTDISC_CHECK_VALUE(false, "softmax_online_state: this build has no per-capability CPU kernels");
-#endif
+  INSTDISC_FMA_PASS(V, "softmax_online_state",
+                    cap::softmax_state<scalar_t>(F.data_ptr<float>(), B, D, g, N, m.data_ptr<float>(),
+                                                 l.data_ptr<float>(), A.data_ptr<float>()));
   return {m, l, A};
 }
 
