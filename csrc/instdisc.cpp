@@ -65,18 +65,26 @@ TORCH_LIBRARY(instdisc, m) {
   m.def("nce_shared_tile_lse(Tensor scores) -> Tensor");
   m.def("nce_shared_tile_softmax_(Tensor(a!) scores, Tensor(b!) row_max, Tensor(c!) row_sum) -> Tensor");
   // The same without the B x n tile (CPU only, avx2 capability or better): one pass over all K
-  // gathered rows, scores in register tiles; features float32 already divided by T.
-  //   nce_shared_nce_pass: x = features . rows^T + bias; returns (sum softplus(x) float64 0-dim,
-  //     sigmoid(x) @ rows (B, D) float32).
-  //   nce_shared_lse_pass: log sum exp(features . rows^T) over every entry (float64 0-dim).
-  m.def("nce_shared_nce_pass(Tensor features, Tensor rows, Tensor bias) -> (Tensor softplus_sum, Tensor weighted)");
-  m.def("nce_shared_lse_pass(Tensor features, Tensor rows) -> Tensor");
+  // rows G (rows itself, or rows[index] for a (K,) int64 index: the bank and the shared negatives,
+  // no gathered copy), scores in register tiles; features float32 already divided by T; with
+  // round_bf16 both operands are rounded to bfloat16 first (their products are exact in fp32).
+  //   nce_shared_nce_pass: x = features . G^T + bias; returns (sum softplus(x) float64 0-dim,
+  //     sigmoid(x) @ G (B, D) float32).
+  //   nce_shared_lse_pass: log sum exp(features . G^T) over every entry (float64 0-dim).
+  m.def(
+      "nce_shared_nce_pass(Tensor features, Tensor rows, Tensor bias, Tensor? index=None, bool round_bf16=False) "
+      "-> (Tensor softplus_sum, Tensor weighted)");
+  m.def("nce_shared_lse_pass(Tensor features, Tensor rows, Tensor? index=None, bool round_bf16=False) -> Tensor");
 
-  // The exact softmax's fused CPU pass (ops/softmax.py, backend "cpu", precision "fp32"; CPU only,
+  // The exact softmax's fused CPU pass (ops/softmax.py, backend "cpu", fp32 products or bf16 ones; CPU only,
   // avx2 capability or better): with s = f . v_j over every bank row v_j (features already divided
   // by the temperature), row_max[b] = max_j s, row_sum[b] = sum_j exp(s - row_max[b]) and
-  // weighted[b] = sum_j exp(s - row_max[b]) v_j; features float32, bank float32/bf16/fp16.
-  m.def("softmax_online_state(Tensor features, Tensor bank) -> (Tensor row_max, Tensor row_sum, Tensor weighted)");
+  // weighted[b] = sum_j exp(s - row_max[b]) v_j; features float32, bank float32/bf16/fp16. With a
+  // (K,) int64 index, over the rows bank[index] only; with round_bf16, both operands rounded to
+  // bfloat16 first (precision "bf16" on CPUs without native bf16 GEMMs).
+  m.def(
+      "softmax_online_state(Tensor features, Tensor bank, Tensor? index=None, bool round_bf16=False) "
+      "-> (Tensor row_max, Tensor row_sum, Tensor weighted)");
 
   // Weighted-kNN top-k (docs/method.md): the k most similar bank rows per query,
   // sorted by (similarity desc, index asc); similarities (Q, k) computed in

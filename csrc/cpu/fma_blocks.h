@@ -13,24 +13,71 @@ constexpr int SQB = 48;  // feature rows per pass over a block (a multiple of SQ
 
 inline int64_t padded(int64_t D) { return (D + SL - 1) / SL * SL; }
 
-// F (B x D) as B x Dp fp32, zero past D (the layout every pass reads).
-inline std::vector<float> pad_features(const float* F, int64_t B, int64_t D) {
+// x rounded to the nearest bfloat16 (ties to even), as fp32; NaN stays NaN, a value past the bf16
+// range becomes +-inf (the same as torch's x.bfloat16().float()).
+inline float round_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return x;
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&x, &u, sizeof u);
+  return x;
+}
+
+// round_bf16 on 8 values.
+inline __m256 round_bf16(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)),
+                                     _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// F (B x D) as B x Dp fp32, zero past D (the layout every pass reads); with bf16, every value
+// rounded to bfloat16 (the products of two bf16 values are exact in fp32).
+inline std::vector<float> pad_features(const float* F, int64_t B, int64_t D, bool bf16 = false) {
   const int64_t Dp = padded(D);
   std::vector<float> Fp(static_cast<size_t>(B * Dp), 0.0f);
-  for (int64_t b = 0; b < B; ++b) std::copy(F + b * D, F + (b + 1) * D, Fp.data() + b * Dp);
+  for (int64_t b = 0; b < B; ++b) {
+    float* dst = Fp.data() + b * Dp;
+    std::copy(F + b * D, F + (b + 1) * D, dst);
+    if (bf16) std::transform(dst, dst + D, dst, [](float x) { return round_bf16(x); });
+  }
   return Fp;
 }
 
-// Bank rows [0, nr) of a block as fp32 twice: row-major vr [SR][Dp] and transposed in SL-row
-// groups vt [SR / SL][D][SL] (zero past nr and past D).
+// Where the pass reads its rows: row j of the selection is v[index[j]] (index null: v[j]), row
+// stride D; with bf16, the rows' values rounded to bfloat16 once read.
 template <typename bank_t>
-void pack_block(const bank_t* v, int64_t nr, int64_t D, int64_t Dp, float* vr, float* vt) {
+struct Rows {
+  const bank_t* v;
+  const int64_t* index;
+  int64_t D;
+  bool bf16;
+  const bank_t* row(int64_t j) const { return v + (index ? index[j] : j) * D; }
+  void prefetch(int64_t j) const {  // row j towards L2
+    const char* p = reinterpret_cast<const char*>(row(j));
+    for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(bank_t)); o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+  }
+};
+
+// Rows [j0, j0 + nr) of the selection as fp32 twice: row-major vr [SR][Dp] and transposed in
+// SL-row groups vt [SR / SL][D][SL] (zero past nr and past D).
+template <typename bank_t>
+void pack_block(const Rows<bank_t>& rows, int64_t j0, int64_t nr, int64_t Dp, float* vr, float* vt) {
+  const int64_t D = rows.D;
   std::fill(vr, vr + SR * Dp, 0.0f);
   std::fill(vt, vt + SR * D, 0.0f);
+  constexpr int64_t ahead = 4;  // rows prefetched ahead (the first block; pass() prefetches the rest)
   for (int64_t j = 0; j < nr; ++j) {
-    rows::widen(v + j * D, vr + j * Dp, D);
+    if (rows.index && j + ahead < nr) rows.prefetch(j0 + j + ahead);
+    float* r = vr + j * Dp;
+    rows::widen(rows.row(j0 + j), r, D);
+    if (rows.bf16) {
+      for (int64_t d = 0; d < Dp; d += 8) _mm256_storeu_ps(r + d, round_bf16(_mm256_loadu_ps(r + d)));  // 0 past D
+    }
     float* t = vt + (j / SL) * D * SL + j % SL;
-    for (int64_t d = 0; d < D; ++d) t[d * SL] = vr[j * Dp + d];
+    for (int64_t d = 0; d < D; ++d) t[d * SL] = r[d];
   }
 }
 
@@ -77,22 +124,29 @@ inline void accumulate(double* const* a, int nq, const float* W, const float* vr
   }
 }
 
-// The pass over bank rows [r0, r1) of v (row stride D) for the B feature rows Fp (B x Dp, from
+// The pass over rows [r0, r1) of the selection for the B feature rows Fp (B x Dp, from
 // pad_features): per block and tile of SQ feature rows q0 .. q0 + nq, the scores S (row i at
 // S + i * SR, entries j < nr) are handed to epi(q0, nq, j0, nr, S), which may rewrite them in place
 // into weights; with A (B x Dp float64) non-null, A[q0 + i] += sum_j S[i][j] v_{j0 + j} then.
 template <typename bank_t, typename Epi>
-void pass(const float* Fp, int64_t B, int64_t D, const bank_t* v, int64_t r0, int64_t r1, double* A, Epi&& epi) {
-  const int64_t Dp = padded(D);
+void pass(const float* Fp, int64_t B, const Rows<bank_t>& rows, int64_t r0, int64_t r1, double* A, Epi&& epi) {
+  const int64_t D = rows.D, Dp = padded(D);
   std::vector<float> vr(static_cast<size_t>(SR * Dp)), vt(static_cast<size_t>(SR * D));
+  const int64_t tiles = (B + SQ - 1) / SQ;  // register tiles per block (SQB is a multiple of SQ)
   alignas(32) float S[SQ * SR];
   for (int64_t j0 = r0; j0 < r1; j0 += SR) {
     const int64_t nr = std::min<int64_t>(SR, r1 - j0);
-    pack_block(v + j0 * D, nr, D, Dp, vr.data(), vt.data());
+    pack_block(rows, j0, nr, Dp, vr.data(), vt.data());
     const int64_t groups = (nr + SL - 1) / SL;
+    // the next block's rows (a selection's lie anywhere in the bank) fetched towards L2 a few per
+    // tile while this block is scored, so its pack_block finds them there
+    const int64_t next = j0 + SR, next_nr = std::min<int64_t>(SR, r1 - next);
+    const int64_t per_tile = rows.index && next_nr > 0 ? (next_nr + tiles - 1) / tiles : 0;
+    int64_t ahead = 0;
     for (int64_t qb = 0; qb < B; qb += SQB) {
       const int64_t qe = std::min<int64_t>(B, qb + SQB);
       for (int64_t q0 = qb; q0 < qe; q0 += SQ) {
+        for (int64_t e = std::min(next_nr, ahead + per_tile); ahead < e; ++ahead) rows.prefetch(next + ahead);
         const int nq = static_cast<int>(std::min<int64_t>(SQ, qe - q0));
         const float* f[SQ];
         double* a[SQ];
@@ -109,7 +163,7 @@ void pass(const float* Fp, int64_t B, int64_t D, const bank_t* v, int64_t r0, in
   }
 }
 
-// Bank rows [0, N) split into T contiguous ranges of whole blocks (T <= the thread count), and
+// Rows [0, N) split into T contiguous ranges of whole blocks (T <= the thread count), and
 // fn(t, r0, r1) run on each in parallel. Returns T.
 template <typename Fn>
 int64_t split(int64_t N, Fn&& fn) {

@@ -1,6 +1,7 @@
 // The host side of the CPU ops whose kernels are fma_blocks.h passes (softmax.cpp:
 // softmax_online_state; nce_shared.cpp: nce_shared_nce_pass, nce_shared_lse_pass): one argument
-// check and one call into the avx2 or avx512 build for the rows' dtype. Include after
+// check, the optional row selection (index) and one call into the avx2 or avx512 build for the
+// rows' dtype. Include after
 // kernel_variants.h (the macro names its cpu_avx2 / cpu_avx512 namespaces).
 #pragma once
 
@@ -8,6 +9,7 @@
 #include <ATen/Dispatch.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -33,6 +35,29 @@ inline void check_fma_pass(const at::Tensor& features, const at::Tensor& rows, c
   INSTDISC_CHECK_VALUE(cpu::capability() != cpu::Capability::kDefault, op,
                        " needs the avx2 CPU capability or better, this process runs ",
                        cpu::capability_name(cpu::capability()));
+}
+
+// The rows a pass reads: with index (K,) int64 on CPU, rows[index[j]] for j < K (every value checked
+// to lie in [0, N), N = rows.size(0)); without it, all N rows in order.
+struct FmaSelection {
+  at::Tensor index;  // contiguous, or undefined
+  const int64_t* ptr = nullptr;
+  int64_t count = 0;
+};
+
+inline FmaSelection fma_selection(const std::optional<at::Tensor>& index, const at::Tensor& rows, const char* op) {
+  FmaSelection s;
+  s.count = rows.size(0);
+  if (!index.has_value()) return s;
+  const at::Tensor& t = *index;
+  INSTDISC_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1, op, ": index must be a 1-D CPU tensor, got shape ",
+                       t.sizes(), " on ", t.device());
+  INSTDISC_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": index must be int64, got ", t.scalar_type());
+  s.index = t.contiguous();
+  s.ptr = s.index.data_ptr<int64_t>();
+  s.count = t.size(0);
+  checks::index_values(s.ptr, s.count, rows.size(0), "index");
+  return s;
 }
 
 }  // namespace instdisc

@@ -7,6 +7,9 @@
 // and the fused passes over all K gathered rows (fma_blocks.h register tiles, avx2 and up):
 //   nce_shared_nce_pass(f, g, bias)      sum softplus(f.g + bias) and sum sigmoid(f.g + bias) g
 //   nce_shared_lse_pass(f, g)            log sum exp(f.g) over every entry (float64, 0-dim)
+// where g is rows[index] when index is given (the bank and the K shared negatives: no gathered
+// copy), and round_bf16 rounds both operands to bfloat16 first (precision "bf16" on CPUs without
+// native bf16 GEMMs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -67,31 +70,38 @@ at::Tensor tile_softmax_cpu(at::Tensor x, at::Tensor m, at::Tensor l) {
 }
 
 // The fused passes (AVX2 + FMA builds; checks and dispatch in fma_pass_op.h): features (B, D)
-// float32 already divided by T, rows (K, D) float32/bf16/fp16 (the gathered negatives), bias (K,) float32.
+// float32 already divided by T, rows (N, D) float32/bf16/fp16 (the gathered negatives, or the bank
+// with index (K,) selecting them), bias (K,) float32.
 std::tuple<at::Tensor, at::Tensor> nce_pass_cpu(const at::Tensor& features, const at::Tensor& rows,
-                                                const at::Tensor& bias) {
+                                                const at::Tensor& bias, const std::optional<at::Tensor>& index,
+                                                bool round_bf16) {
   check_fma_pass(features, rows, "nce_shared_nce_pass", "rows");
+  const FmaSelection sel = fma_selection(index, rows, "nce_shared_nce_pass");
   INSTDISC_CHECK_VALUE(
-      bias.device().is_cpu() && bias.dim() == 1 && bias.size(0) == rows.size(0) && bias.scalar_type() == at::kFloat,
-      "nce_shared_nce_pass: bias must be a float32 CPU (K,) tensor, K = ", rows.size(0));
+      bias.device().is_cpu() && bias.dim() == 1 && bias.size(0) == sel.count && bias.scalar_type() == at::kFloat,
+      "nce_shared_nce_pass: bias must be a float32 CPU (K,) tensor, K = ", sel.count, ", got ", bias.scalar_type(),
+      " of shape ", bias.sizes());
   const auto F = features.contiguous();
   const auto G = rows.contiguous();
   const auto c = bias.contiguous();
   auto A = at::empty(F.sizes(), F.options());
   double total = 0;
   INSTDISC_FMA_PASS(G, "nce_shared_nce_pass",
-                    total = cap::nce_pass<scalar_t>(F.data_ptr<float>(), F.size(0), F.size(1), g, G.size(0),
-                                                    c.data_ptr<float>(), A.data_ptr<float>()));
+                    total = cap::nce_pass<scalar_t>(F.data_ptr<float>(), F.size(0), F.size(1), g, sel.ptr, sel.count,
+                                                    round_bf16, c.data_ptr<float>(), A.data_ptr<float>()));
   return {at::scalar_tensor(total, F.options().dtype(at::kDouble)), A};
 }
 
-at::Tensor lse_pass_cpu(const at::Tensor& features, const at::Tensor& rows) {
+at::Tensor lse_pass_cpu(const at::Tensor& features, const at::Tensor& rows, const std::optional<at::Tensor>& index,
+                        bool round_bf16) {
   check_fma_pass(features, rows, "nce_shared_lse_pass", "rows");
+  const FmaSelection sel = fma_selection(index, rows, "nce_shared_lse_pass");
   const auto F = features.contiguous();
   const auto G = rows.contiguous();
   double out = 0;
-  INSTDISC_FMA_PASS(G, "nce_shared_lse_pass",
-                    out = cap::lse_pass<scalar_t>(F.data_ptr<float>(), F.size(0), F.size(1), g, G.size(0)));
+  INSTDISC_FMA_PASS(
+      G, "nce_shared_lse_pass",
+      out = cap::lse_pass<scalar_t>(F.data_ptr<float>(), F.size(0), F.size(1), g, sel.ptr, sel.count, round_bf16));
   return at::scalar_tensor(out, F.options().dtype(at::kDouble));
 }
 

@@ -30,15 +30,16 @@ inline void nce_entry(acc_t& x, double& pos, double& prod) {
 }
 
 // Running sums of lemniscate NCE row epilogues: sum softplus(x) = sum max(x, 0) + log prod (1 + e),
-// e = exp(-|x|). The factors (each in (1, 2]) are multiplied in double, per lane, and their log is
-// taken once per 256 vectors (scalar: 512 entries), not once per row: a product of m factors is off
-// by <= m 2^-53 relative. One NceSums may run over many rows (nce_pass: a thread's whole range).
+// e = exp(-|x|). The AVX2 path forms both per lane in fp32 over up to 16 vectors (16 factors in
+// (1, 2], so <= 2^16; relative error <= 16 * 2^-24, the size of the fp32 scores' own error), then
+// folds them into double sums and products whose log is taken once per 60 folds (scalar: per 512
+// entries), not once per row. One NceSums may run over many rows (nce_pass: a thread's whole range).
 struct NceSums {
   double pos = 0, logs = 0, prod = 1;
   int scalar = 0;
 #if INSTDISC_VARIANT_LEVEL >= 1
   __m256d p0, p1, s0, s1;
-  int blocks = 0;
+  int folds = 0;
   NceSums() : p0(_mm256_set1_pd(1.0)), p1(p0), s0(_mm256_setzero_pd()), s1(s0) {}
   void flush_vectors() {
     double l[8];
@@ -46,7 +47,15 @@ struct NceSums {
     _mm256_storeu_pd(l + 4, p1);
     for (double f : l) logs += std::log(f);
     p0 = p1 = _mm256_set1_pd(1.0);
-    blocks = 0;
+    folds = 0;
+  }
+  // Adds 8 lanes of fp32 partial sums of max(x, 0) and multiplies in 8 partial products.
+  void fold(__m256 pos8, __m256 prod8) {
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(pos8)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(pos8, 1)));
+    p0 = _mm256_mul_pd(p0, _mm256_cvtps_pd(_mm256_castps256_ps128(prod8)));
+    p1 = _mm256_mul_pd(p1, _mm256_cvtps_pd(_mm256_extractf128_ps(prod8, 1)));
+    if (++folds == 60) flush_vectors();  // 60 folds of <= 2^16 each: < 2^960, inside the double range
   }
 #endif
   double total() {
@@ -62,30 +71,41 @@ struct NceSums {
   }
 };
 
-// Row epilogue of lemniscate NCE: x[0..n) <- sigmoid(x), softplus(x) added into s.
-template <typename acc_t>
-void nce_row(acc_t* x, int64_t n, NceSums& s) {
+// Row epilogue of lemniscate NCE: x[0..n) <- sigmoid(x + bias) (kBias; else sigmoid(x)), softplus of
+// the same added into s. The AVX2 sigmoid is 1 / (1 + e) by a reciprocal estimate and one Newton
+// step (within ~2 ulp), e / (1 + e) for x < 0.
+template <typename acc_t, bool kBias = false>
+void nce_row(acc_t* x, int64_t n, NceSums& s, const acc_t* bias = nullptr) {
   int64_t i = 0;
 #if INSTDISC_VARIANT_LEVEL >= 1
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-    const __m256d one_d = _mm256_set1_pd(1.0);
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 pos = zero, prod = one;
+    int k = 0;
     for (; i + 8 <= n; i += 8) {
-      const __m256 v = _mm256_loadu_ps(x + i);
+      __m256 v = _mm256_loadu_ps(x + i);
+      if constexpr (kBias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + i));
       const __m256 e = exp8(_mm256_or_ps(v, sign));  // exp(-|x|)
-      const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+      const __m256 a = _mm256_add_ps(one, e);
+      __m256 inv = _mm256_rcp_ps(a);
+      inv = _mm256_mul_ps(inv, _mm256_fnmadd_ps(a, inv, two));  // r (2 - a r)
       const __m256 nonneg = _mm256_cmp_ps(v, zero, _CMP_GE_OQ);
       _mm256_storeu_ps(x + i, _mm256_blendv_ps(_mm256_mul_ps(e, inv), inv, nonneg));
-      const __m256 vp = _mm256_blendv_ps(zero, v, _mm256_or_ps(nonneg, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-      s.s0 = _mm256_add_pd(s.s0, _mm256_cvtps_pd(_mm256_castps256_ps128(vp)));
-      s.s1 = _mm256_add_pd(s.s1, _mm256_cvtps_pd(_mm256_extractf128_ps(vp, 1)));
-      s.p0 = _mm256_mul_pd(s.p0, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_castps256_ps128(e))));
-      s.p1 = _mm256_mul_pd(s.p1, _mm256_add_pd(one_d, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
-      if (++s.blocks == 256) s.flush_vectors();  // 2^256 < the double range
+      pos = _mm256_add_ps(pos, _mm256_blendv_ps(zero, v, _mm256_or_ps(nonneg, _mm256_cmp_ps(v, v, _CMP_UNORD_Q))));
+      prod = _mm256_mul_ps(prod, a);  // a NaN score reaches both sums
+      if (++k == 16) {
+        s.fold(pos, prod);
+        pos = zero;
+        prod = one;
+        k = 0;
+      }
     }
+    if (k > 0) s.fold(pos, prod);
   }
 #endif
   for (; i < n; ++i) {
+    if constexpr (kBias) x[i] += bias[i];
     nce_entry(x[i], s.pos, s.prod);
     if (++s.scalar == 512) {
       s.logs += std::log(s.prod);
@@ -215,28 +235,30 @@ void tile_softmax(acc_t* x, int64_t B, int64_t n, acc_t* m, acc_t* l, acc_t* sca
 }
 
 #if INSTDISC_VARIANT_LEVEL >= 1
-// The fused passes over the K gathered rows g (fma_blocks.h: scores, epilogue and weighted sum in
-// register tiles, never a B x chunk tile in memory), with F (B x D fp32) already divided by T.
+// The fused passes over K rows g_j = g[index[j]] (index null: g[j]; fma_blocks.h: scores, epilogue
+// and weighted sum in register tiles, never a B x chunk tile in memory), with F (B x D fp32)
+// already divided by T; bf16: both operands rounded to bfloat16 (fma_blocks::round_bf16) first.
 // One contiguous range of rows per thread; the per-thread results are merged in thread order.
 #include "rows.h"
 #include "fma_blocks.h"
 
 // NCE: x[b][j] = f_b . g_j + bias[j]; returns sum softplus(x) (float64); A (B x D) = sum_j sigmoid(x) g_j.
 template <typename row_t>
-double nce_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K, const float* bias, float* A) {
+double nce_pass(const float* F, int64_t B, int64_t D, const row_t* g, const int64_t* index, int64_t K, bool bf16,
+                const float* bias, float* A) {
   const int64_t Dp = fma_blocks::padded(D);
-  const auto Fp = fma_blocks::pad_features(F, B, D);
+  const auto Fp = fma_blocks::pad_features(F, B, D, bf16);
+  const fma_blocks::Rows<row_t> rows{g, index, D, bf16};
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<double>> At(static_cast<size_t>(threads));
   std::vector<double> sums(static_cast<size_t>(threads), 0.0);
   const int64_t T = fma_blocks::split(K, [&](int64_t t, int64_t r0, int64_t r1) {
     At[t].assign(static_cast<size_t>(B * Dp), 0.0);
     NceSums sum;  // the whole range's terms: one log per 256 vectors, not per row and block
-    fma_blocks::pass(Fp.data(), B, D, g, r0, r1, At[t].data(), [&](int64_t, int nq, int64_t j0, int64_t nr, float* S) {
+    fma_blocks::pass(Fp.data(), B, rows, r0, r1, At[t].data(), [&](int64_t, int nq, int64_t j0, int64_t nr, float* S) {
       for (int i = 0; i < nq; ++i) {
         float* x = S + i * fma_blocks::SR;
-        for (int64_t j = 0; j < nr; ++j) x[j] += bias[j0 + j];
-        nce_row(x, nr, sum);  // x <- sigmoid(x)
+        nce_row<float, true>(x, nr, sum, bias + j0);  // x <- sigmoid(x + bias)
       }
     });
     sums[t] = sum.total();
@@ -255,15 +277,16 @@ double nce_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K,
 
 // The Z estimate's pass: log sum exp of f_b . g_j over every b and j (float64; NaN if a score is).
 template <typename row_t>
-double lse_pass(const float* F, int64_t B, int64_t D, const row_t* g, int64_t K) {
-  const auto Fp = fma_blocks::pad_features(F, B, D);
+double lse_pass(const float* F, int64_t B, int64_t D, const row_t* g, const int64_t* index, int64_t K, bool bf16) {
+  const auto Fp = fma_blocks::pad_features(F, B, D, bf16);
+  const fma_blocks::Rows<row_t> rows{g, index, D, bf16};
   const int64_t threads = at::get_num_threads();
   std::vector<double> Ms(static_cast<size_t>(threads)), sums(static_cast<size_t>(threads));
   const int64_t T = fma_blocks::split(K, [&](int64_t t, int64_t r0, int64_t r1) {
     float M = -std::numeric_limits<float>::infinity();
     double sum = 0;
     bool nan = false;
-    fma_blocks::pass(Fp.data(), B, D, g, r0, r1, nullptr, [&](int64_t, int nq, int64_t, int64_t nr, float* S) {
+    fma_blocks::pass(Fp.data(), B, rows, r0, r1, nullptr, [&](int64_t, int nq, int64_t, int64_t nr, float* S) {
       for (int i = 0; i < nq; ++i) {
         float* x = S + i * fma_blocks::SR;
         const float mx = row_max(x, nr);

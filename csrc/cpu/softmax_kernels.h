@@ -54,19 +54,22 @@ inline void online_step(float* s, int64_t nr, float& m, double& l, double* a, in
   l += total;
 }
 
-// (m, l, A) over the whole bank: one contiguous range of rows per thread (fma_blocks::split), the
-// ranges' states merged (m = max, l and A summed with exp(m_t - m)). Outputs: m, l (B), A (B x D).
+// (m, l, A) over N rows v_j = v[index[j]] (index null: the whole bank, v[j]): one contiguous range
+// of rows per thread (fma_blocks::split), the ranges' states merged (m = max, l and A summed with
+// exp(m_t - m)); bf16: both operands rounded to bfloat16 first. Outputs: m, l (B), A (B x D).
 template <typename bank_t>
-void softmax_state(const float* F, int64_t B, int64_t D, const bank_t* v, int64_t N, float* m, float* l, float* A) {
+void softmax_state(const float* F, int64_t B, int64_t D, const bank_t* v, const int64_t* index, int64_t N, bool bf16,
+                   float* m, float* l, float* A) {
   const int64_t Dp = fma_blocks::padded(D);
-  const auto Fp = fma_blocks::pad_features(F, B, D);
+  const auto Fp = fma_blocks::pad_features(F, B, D, bf16);
+  const fma_blocks::Rows<bank_t> rows{v, index, D, bf16};
   std::vector<SoftmaxState> states(static_cast<size_t>(at::get_num_threads()));
   const int64_t T = fma_blocks::split(N, [&](int64_t t, int64_t r0, int64_t r1) {
     SoftmaxState& st = states[t];
     st.m.assign(static_cast<size_t>(B), -std::numeric_limits<float>::infinity());
     st.l.assign(static_cast<size_t>(B), 0.0);
     st.A.assign(static_cast<size_t>(B * Dp), 0.0);
-    fma_blocks::pass(Fp.data(), B, D, v, r0, r1, st.A.data(), [&](int64_t q0, int nq, int64_t, int64_t nr, float* S) {
+    fma_blocks::pass(Fp.data(), B, rows, r0, r1, st.A.data(), [&](int64_t q0, int nq, int64_t, int64_t nr, float* S) {
       for (int i = 0; i < nq; ++i)
         online_step(S + i * fma_blocks::SR, nr, st.m[q0 + i], st.l[q0 + i], st.A.data() + (q0 + i) * Dp, Dp);
     });

@@ -47,9 +47,11 @@ Implementations (TABLE below; docs/backends.md):
       K-chunks of ``chunk_size`` columns (default ops/softmax.default_chunk_size),
       the epilogue per B x chunk tile in preallocated buffers; peak extra
       memory O(K D + B chunk), never B x K; any device (cuBLAS on CUDA tensors).
-  "cpu"    -> instdisc::nce_shared_forward_cpu; CPU only. With fp32 products and fp32 features
-      on an AVX2+ CPU each pass over the K gathered rows is one C++ op that keeps the scores in
-      register tiles (no B x chunk tile, no per-chunk ATen call): nce_shared_lse_pass for the
+  "cpu"    -> instdisc::nce_shared_forward_cpu; CPU only. With fp32 features, a contiguous bank
+      on an AVX2+ CPU and fp32 products (or bf16 ones where the CPU has no native bf16 GEMM: the
+      pass rounds both operands to bf16) each pass over the K rows is one C++ op that reads them
+      from the bank by neg_indices and keeps the scores in register tiles (no gathered copy, no
+      B x chunk tile, no per-chunk ATen call): nce_shared_lse_pass for the
       Z estimate, nce_shared_nce_pass for NCE's softplus sum and sigmoid-weighted row sum
       (csrc/cpu/nce_shared.cpp), softmax_online_state for InfoNCE (csrc/cpu/softmax.cpp).
       Otherwise the same tiles and ATen GEMMs as "eager", each tile's epilogue one C++ pass
@@ -92,7 +94,7 @@ from . import _saved_grad
 from ._formulas import EPS, nce_negative, nce_positive, opmath, product_operand, proximal_terms
 from .bank_update import backend_after_loss
 from .nce import LOSS_TYPES, draw_negatives, finish_step
-from .softmax import PRECISIONS, cpu_one_pass, default_chunk_size, softmax_step
+from .softmax import PRECISIONS, cpu_one_pass, default_chunk_size, one_pass_precision, softmax_step
 
 LOG_F32_MAX = math.log(torch.finfo(torch.float32).max)
 
@@ -152,13 +154,14 @@ def nce_positive_and_masks(t0, log_z, c0, cnt, K_consts):
     """The NCE loss sum of the positives, minus the masked entries, plus the per-entry
     constants log(c/(c-EPS)); and the gradient coefficients (times T B) on V[y].
 
-    K_consts: sum over all B*K entries of log(c/(c - EPS)) (a float64 0-dim)."""
-    x0 = t0 - log_z.to(t0.dtype) - torch.log(c0)
-    const0 = torch.log(c0 / (c0 - EPS))
+    c0: the positives' c, (B,), or one float for all (uniform noise); K_consts: sum over all B*K
+    entries of log(c/(c - EPS)) (a float64 0-dim, or a float)."""
+    log = math.log if isinstance(c0, float) else torch.log
+    x0 = t0 - log_z.to(t0.dtype) - log(c0)
     pos = torch.nn.functional.softplus(-x0).sum()
     coef0 = -torch.sigmoid(-x0)
     if cnt is not None:        # a masked entry has the positive's own score and c
-        pos = pos - (cnt * (torch.nn.functional.softplus(x0) + const0)).sum()
+        pos = pos - (cnt * (torch.nn.functional.softplus(x0) + log(c0 / (c0 - EPS)))).sum()
         coef0 = coef0 - cnt * torch.sigmoid(x0)
     return pos.double() + K_consts, coef0
 
@@ -300,21 +303,27 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
     N, K = memory.shape[0], neg_indices.shape[0]
     T = temperature
     F = features.to(acc)
-    Fs = product_operand(F / T, precision, acc)                       # bf16, or bf16-valued fp32
-    G = product_operand(memory.index_select(0, neg_indices), precision, acc)   # the K rows, read once
+    # fused on an AVX2+ CPU, fp32 products or bf16 ones without native bf16 GEMMs: each pass over the
+    # K rows is one C++ op reading them from the bank by neg_indices (scores in register tiles, no
+    # gathered copy, no B x chunk tile; csrc/cpu/nce_shared.cpp, softmax.cpp)
+    one_pass = (fused and one_pass_precision(precision, F.device) and cpu_one_pass(F, memory)
+                and memory.is_contiguous() and _backend.has_kernel("nce_shared_nce_pass", "CPU"))
+    if one_pass:
+        Fs = F / T
+        rows = (memory, neg_indices, precision == "bf16")                # read in the pass
+        tiles = None
+    else:
+        Fs = product_operand(F / T, precision, acc)                   # bf16, or bf16-valued fp32
+        G = product_operand(memory.index_select(0, neg_indices), precision, acc)   # the K rows, read once
+        chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, K), K)
+        tiles = _Tiles(Fs, G, chunk, acc, fused)
     Vy = memory.index_select(0, indices).to(acc)
     t0, prox_loss, prox_grad = positive_terms(F, Vy, T, proximal)
     cnt = masked_counts(indices, neg_indices, acc) if exclude_positive else None
-    chunk = min(chunk_size if chunk_size > 0 else default_chunk_size(B, K), K)
-    # fused with fp32 products on an AVX2+ CPU: each pass over the K rows is one C++ op (scores in
-    # register tiles, no B x chunk tile; csrc/cpu/nce_shared.cpp, softmax.cpp)
-    one_pass = (fused and precision == "fp32" and cpu_one_pass(Fs, G)
-                and _backend.has_kernel("nce_shared_nce_pass", "CPU"))
-    tiles = None if one_pass else _Tiles(Fs, G, chunk, acc, fused)
     z_out = z.to(torch.float32).clone()
     if loss_type == 1:
         if one_pass:
-            m, l, A = torch.ops.instdisc.softmax_online_state(Fs, G)
+            m, l, A = torch.ops.instdisc.softmax_online_state(Fs, *rows)
         else:
             A = torch.zeros(B, D, dtype=acc, device=F.device)
             m = torch.full((B,), float("-inf"), dtype=acc, device=F.device)
@@ -329,7 +338,7 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
         return _finish(loss, grad, prox_loss, prox_grad, z_out)
     if float(z[0]) <= 0 or z_ema > 0:
         if one_pass:
-            log_all = torch.logaddexp(torch.logsumexp(t0.double(), 0), torch.ops.instdisc.nce_shared_lse_pass(Fs, G))
+            log_all = torch.logaddexp(torch.logsumexp(t0.double(), 0), torch.ops.instdisc.nce_shared_lse_pass(Fs, *rows))
         else:
             log_all = _log_sum_exp_all(tiles, t0)
         if cnt is not None:      # remove the masked entries (each has the positive's score)
@@ -340,10 +349,17 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
         z_out = torch.exp(log_z).to(torch.float32).reshape(1)
     else:
         log_z = combine_log_z(None, z, 0.0)
-    c = noise_c(neg_indices, N, K, noise_probs, acc)                    # (K,)
-    bias = -(torch.log(c) + log_z.to(acc))
+    if noise_probs is None:       # uniform noise: every c is K/N + EPS, Python floats (no K-length ops)
+        c0 = K / N + EPS
+        bias = torch.full((K,), -math.log(c0), dtype=acc, device=F.device).sub_(log_z)
+        K_consts = B * K * math.log(c0 / (c0 - EPS))
+    else:
+        c = noise_c(neg_indices, N, K, noise_probs, acc)                # (K,)
+        bias = -(torch.log(c) + log_z.to(acc))
+        K_consts = B * torch.log(c.double() / (c.double() - EPS)).sum()
+        c0 = noise_c(indices, N, K, noise_probs, acc)
     if one_pass:
-        lsum, A = torch.ops.instdisc.nce_shared_nce_pass(Fs, G, bias)
+        lsum, A = torch.ops.instdisc.nce_shared_nce_pass(Fs, rows[0], bias, *rows[1:])
     else:
         A = torch.zeros(B, D, dtype=acc, device=F.device)
         lsum = torch.zeros((), dtype=torch.float64, device=F.device)
@@ -351,8 +367,6 @@ def forward_chunked(features, memory, indices, neg_indices, z, temperature, prox
             S, Gc = tiles.scores(start, n, bias)
             lsum += tiles.nce_epilogue(S)
             tiles.accumulate(A, S, Gc)
-    K_consts = B * torch.log(c.double() / (c.double() - EPS)).sum()
-    c0 = noise_c(indices, N, K, noise_probs, acc)
     pos, coef0 = nce_positive_and_masks(t0, log_z, c0, cnt, K_consts)
     loss = ((lsum + pos) / B).to(acc)
     grad = (A + coef0[:, None] * Vy) / (T * B)
@@ -454,11 +468,11 @@ if _backend.op_handle("nce_shared_tile_nce_") is not None:     # a build with th
 
 if _backend.op_handle("nce_shared_nce_pass") is not None:
     @torch.library.register_fake("instdisc::nce_shared_nce_pass")
-    def _nce_pass_fake(features, rows, bias):
+    def _nce_pass_fake(features, rows, bias, index=None, round_bf16=False):
         return features.new_empty((), dtype=torch.float64), features.new_empty(features.shape)
 
     @torch.library.register_fake("instdisc::nce_shared_lse_pass")
-    def _lse_pass_fake(features, rows):
+    def _lse_pass_fake(features, rows, index=None, round_bf16=False):
         return features.new_empty((), dtype=torch.float64)
 
 try:

@@ -38,12 +38,14 @@ Implementations (TABLE below; docs/backends.md):
               the CPU has them; cuBLAS on CUDA); any device. "auto" picks it on
               CUDA without Triton, and on CPU when the extension is not built.
   "cpu"    -> instdisc::softmax_forward_cpu (what "auto" picks on CPU). With fp32
-              products, fp32 features and an fp32/bf16/fp16 bank on an AVX2+ CPU:
+              features, an fp32/bf16/fp16 bank on an AVX2+ CPU and fp32 products (or
+              bf16 ones on a CPU without native bf16 GEMMs: the pass rounds both
+              operands to bf16, the same products as below at fp32 speed):
               the whole recurrence is one C++ pass (instdisc::softmax_online_state,
               csrc/cpu/softmax.cpp): each 96-row block of the bank is scored in
               fp32 FMA register tiles, its softmax step taken on the scores in L1
               and its rows accumulated into A in the same tiles, the bank split into
-              one range per thread (chunk_size is not used). Otherwise (bf16
+              one range per thread (chunk_size is not used). Otherwise (native bf16
               products, float64, the "default" capability) the same chunks and ATen
               matmuls as "eager", with each chunk's max / exp / row-sum / rescale one
               C++ pass over the B x chunk block (instdisc::nce_shared_tile_softmax_).
@@ -87,7 +89,7 @@ import torch
 from .. import _backend, _validate
 from . import _saved_grad
 from . import bank_update as _bank_update_mod
-from ._formulas import add_proximal, opmath, product_operand
+from ._formulas import add_proximal, native_bf16_products, opmath, product_operand
 
 PRECISIONS = ("fp32", "bf16")
 BF16_U = 2.0 ** -8
@@ -149,6 +151,13 @@ def softmax_step(S, m, l, work, fused=False):
     return scale
 
 
+def one_pass_precision(precision, device):
+    """Whether the one C++ pass computes ``precision``'s products: fp32 always; bf16 where the CPU
+    has no native bf16 GEMM (the pass rounds both operands to bf16 and multiplies them exactly in
+    fp32, the products _formulas.product_operand would give; with native bf16 the GEMMs are faster)."""
+    return precision == "fp32" or (precision == "bf16" and not native_bf16_products(device))
+
+
 def cpu_one_pass(F, memory):
     """Whether online_state can be the one C++ pass (instdisc::softmax_online_state): fp32
     features, an fp32/bf16/fp16 bank on CPU, AVX2 + FMA tiles built and chosen."""
@@ -159,7 +168,7 @@ def cpu_one_pass(F, memory):
 
 if _backend.op_handle("softmax_online_state") is not None:
     @torch.library.register_fake("instdisc::softmax_online_state")
-    def _online_state_fake(features, bank):
+    def _online_state_fake(features, bank, index=None, round_bf16=False):
         B, D = features.shape
         return features.new_empty((B,)), features.new_empty((B,)), features.new_empty((B, D))
 
@@ -176,8 +185,8 @@ def online_state(F, memory, temperature, precision="fp32", chunk_size=0, fused=F
     whenever the allocator has returned memory to the OS (measured 8x slower
     right after an eager step had freed its 1.2 GB logits)."""
     acc = F.dtype
-    if fused and precision == "fp32" and cpu_one_pass(F, memory):
-        return torch.ops.instdisc.softmax_online_state(F / temperature, memory)
+    if fused and one_pass_precision(precision, F.device) and cpu_one_pass(F, memory):
+        return torch.ops.instdisc.softmax_online_state(F / temperature, memory, None, precision == "bf16")
     Fs = product_operand(F / temperature, precision, acc)
     cd = Fs.dtype                                               # dtype of the chunk products
     emulate = precision == "bf16" and cd == acc                 # bf16-valued operands in fp32

@@ -50,7 +50,8 @@ def check_tile_epilogues(ops):
 def check_fused_passes(ops):
     """The one-pass ops over K gathered rows (nce_shared_nce_pass, nce_shared_lse_pass; avx2 and up)
     against float64 torch: odd B, K and D (across the 6-row tiles, 96-row blocks and 16-value
-    groups), every row dtype, scores up to ~|60|. Returns the number of checks."""
+    groups), every row dtype, scores up to ~|60|; the same rows selected from a bank by index, and
+    round_bf16. Returns the number of checks."""
     g = torch.Generator().manual_seed(12)
     checked = 0
     for (B, K, D), dtype in (((1, 1, 1), torch.float32), ((7, 97, 100), torch.float32),
@@ -71,8 +72,29 @@ def check_fused_passes(ops):
         assert (A.double() - wa).abs().max().item() <= (es + 8 * U32) * K, (B, K, D, "sigmoid-weighted sum")
         lse = ops.nce_shared_lse_pass(F, rows)
         assert abs(float(lse - torch.logsumexp(S.view(-1), 0))) <= es + 8 * U32, (B, K, D, "lse")
-        checked += 3
+        checked += 3 + _selected_and_rounded(ops, g, F, rows, bias, (total, A), lse)
     return checked + _fused_pass_edges(ops, g)
+
+
+def _selected_and_rounded(ops, g, F, rows, bias, nce_out, lse):
+    """index: the same rows read from a larger bank (rows scattered, one twice) give bit-identical
+    results to the gathered rows; round_bf16: the same as the pass on bf16-rounded operands."""
+    K, D = rows.shape
+    bank = torch.randn(3 * K + 5, D, generator=g).to(rows.dtype)
+    index = torch.randperm(bank.shape[0], generator=g)[:K]
+    if K > 2:
+        index[-1] = index[0]
+        rows = rows.clone()
+        rows[-1] = rows[0]
+        nce_out, lse = ops.nce_shared_nce_pass(F, rows, bias), ops.nce_shared_lse_pass(F, rows)
+    bank[index] = rows
+    sel = ops.nce_shared_nce_pass(F, bank, bias, index), ops.nce_shared_lse_pass(F, bank, index)
+    assert torch.equal(sel[0][0], nce_out[0]) and torch.equal(sel[0][1], nce_out[1]) and torch.equal(sel[1], lse)
+    Fr, Rr = F.bfloat16().float(), rows.bfloat16().float()
+    want = ops.nce_shared_nce_pass(Fr, Rr, bias), ops.nce_shared_lse_pass(Fr, Rr)
+    got = ops.nce_shared_nce_pass(F, bank, bias, index, True), ops.nce_shared_lse_pass(F, rows, None, True)
+    assert torch.equal(got[0][0], want[0][0]) and torch.equal(got[0][1], want[0][1]) and torch.equal(got[1], want[1])
+    return 2
 
 
 def _fused_pass_edges(ops, g):
@@ -115,6 +137,17 @@ def _fused_pass_edges(ops, g):
         ops.nce_shared_nce_pass(F, rows, bias.double())
     with pytest.raises(ValueError, match="rows' D = 20"):
         ops.nce_shared_nce_pass(F[:, :7], rows, bias)
+    index = torch.arange(K)
+    for bad, err, match in ((torch.tensor([0, K]), ValueError, rf"index contains {K} \(flat position 1\), out of range"),
+                            (torch.tensor([-1]), ValueError, "index contains -1"),
+                            (index.int(), TypeError, "index must be int64"),
+                            (index[None], ValueError, "index must be a 1-D CPU tensor")):
+        with pytest.raises(err, match=match):
+            ops.nce_shared_lse_pass(F, rows, bad)
+        with pytest.raises(err, match=match):
+            ops.nce_shared_nce_pass(F, rows, bias[:bad.shape[-1]], bad)
+    with pytest.raises(ValueError, match="bias must be a float32 CPU .K,. tensor, K = 3"):
+        ops.nce_shared_nce_pass(F, rows, bias, index[:3])      # bias follows the selection, not the rows
     total, A = ops.nce_shared_nce_pass(F.t().contiguous().t(), rows, bias)   # non-contiguous features
     assert torch.allclose(A, one[0][1], rtol=1e-5, atol=1e-6)
-    return checked + 6
+    return checked + 7

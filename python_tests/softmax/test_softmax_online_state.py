@@ -5,7 +5,8 @@ m = max_j S, l = sum_j exp(S - m), A = sum_j exp(S - m) V_j.
 The loss and gradient it feeds (the softmax's "cpu" backend) are checked against the oracle in
 test_softmax.py; here the state itself, on odd shapes (B not a multiple of the 6-row tile, N not
 a multiple of the 96-row block, D not a multiple of 16), every bank dtype, one and several
-threads, and its argument checks."""
+threads, a selection of the bank's rows (index) and bf16-rounded operands (round_bf16), and its
+argument checks."""
 import pytest
 import torch
 
@@ -125,3 +126,61 @@ def test_argument_errors():
         torch.ops.instdisc.softmax_online_state(F[:, :5].contiguous(), V)
     with pytest.raises(ValueError, match="non-empty"):
         torch.ops.instdisc.softmax_online_state(F, V[:0])
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_index_reads_the_selected_rows(bank_dtype):
+    # rows scattered over a larger bank, one selected twice: bit-identical to the gathered rows
+    F, V = _data(13, 301, 100, bank_dtype)
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(1000, 100, generator=g).to(bank_dtype)
+    index = torch.randperm(1000, generator=g)[:301]
+    index[7] = index[3]
+    V[7] = V[3]
+    bank[index] = V
+    want = torch.ops.instdisc.softmax_online_state(F, V)
+    got = torch.ops.instdisc.softmax_online_state(F, bank, index)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.float16])
+def test_round_bf16_rounds_both_operands(bank_dtype):
+    # the same as the pass on bf16-rounded features and rows (then exact fp32 products), and so
+    # within the fp32 pass's error of the float64 state of the rounded operands
+    F, V = _data(17, 500, 40, bank_dtype)
+    Fr, Vr = F.bfloat16().float(), V.bfloat16().float()
+    got = torch.ops.instdisc.softmax_online_state(F, V, None, True)
+    want = torch.ops.instdisc.softmax_online_state(Fr, Vr)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    _check(Fr, Vr)
+    assert not torch.equal(got[2], torch.ops.instdisc.softmax_online_state(F, V)[2])   # it did round
+
+
+def test_round_bf16_matches_torch_on_edge_values():
+    # ties to even, subnormals, signs, values near the bf16 range: one bank row of these values
+    # against a one-hot feature row per value gives m = the rounded value; the weighted row (A, one
+    # bank row, weight exp(0) = 1) is the rounded row itself
+    vals = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 1.0 + 2 ** -8 + 2 ** -20, 3.0e-39,
+                         -1.1e-40, 1e-45, 3.3895e38, -2.0 ** 127, 0.1, -7.77, 0.0, -0.0])
+    D = vals.numel()
+    got_m, _, got_A = torch.ops.instdisc.softmax_online_state(torch.eye(D), vals[None], None, True)
+    want = vals.bfloat16().float()
+    assert torch.equal(got_A, want.expand(D, D))
+    assert torch.equal(got_m, want)
+    # features rounded the same way: the bank row e_0 picks feature value d of row d
+    F = vals[:, None].repeat(1, 2)
+    got_m, _, _ = torch.ops.instdisc.softmax_online_state(F, torch.tensor([[1.0, 0.0]]), None, True)
+    assert torch.equal(got_m, want)
+    # NaN stays NaN (a NaN row must reach the output check)
+    m, l, A = torch.ops.instdisc.softmax_online_state(torch.ones(1, 2), torch.tensor([[float("nan"), 1.0]]), None, True)
+    assert torch.isnan(l[0]) and torch.isnan(A[0]).all()
+
+
+def test_index_errors_name_the_argument():
+    F, V = _data(3, 20, 8)
+    with pytest.raises(ValueError, match=r"index contains 20 \(flat position 1\), out of range \[0, 20\)"):
+        torch.ops.instdisc.softmax_online_state(F, V, torch.tensor([0, 20]))
+    with pytest.raises(TypeError, match="softmax_online_state: index must be int64"):
+        torch.ops.instdisc.softmax_online_state(F, V, torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="softmax_online_state: index must be a 1-D CPU tensor"):
+        torch.ops.instdisc.softmax_online_state(F, V, torch.zeros(1, 1, dtype=torch.long))
