@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 
@@ -28,6 +29,10 @@ PROBE_BYTES = {"smoke": 16 << 20, "default": 1 << 30, "full": 1 << 30}
 GEMM_N = {"smoke": 256, "default": 2048, "full": 2048}
 SLOW_CALL_S = 2.0       # a step slower than this is timed over PEDANTIC_ROUNDS rounds only
 PEDANTIC_ROUNDS = 3
+# rounds of one provider call then one embedding_bag call (the gather limit, bench_peers.py) after
+# the timed rounds of a gather-bound case: the ratio of their medians does not move with the
+# machine's state between the two rows (about 2x on a shared 2-core machine)
+PAIRED_ROUNDS = 9
 
 
 def pytest_addoption(parser):
@@ -182,8 +187,30 @@ class BenchSession:
                     speedup_vs_eager=(eager / t) if eager else None,
                     gflops=None if flops is None else flops / t / 1e9, gemm_dtype=gemm_dt if flops else None,
                     pct_of_gemm=None if flops is None else 100.0 * flops / t / 1e9 / gemm)
+        info.update(self.paired_with_limit(case, provider, g, dev, fn))
         benchmark.extra_info.update(info)
         self.records.append(dict(benchmark.extra_info))
+
+    def paired_with_limit(self, case, provider, g, dev, fn):
+        """For this library's kernel on a gather-bound case (the op's peer is embedding_bag, on
+        the same bank: not the 4k-page variant): PAIRED_ROUNDS rounds of one ``fn`` call then one
+        embedding_bag call over the op's rows, and the embedding_bag median as a percentage of
+        fn's median over those rounds."""
+        if (report.GATHER_LIMIT not in bench_cases.PEERS.get(case.op, ())
+                or provider in (bench_cases.EAGER, bench_cases.COMPILE) or bench_cases.is_peer(provider)
+                or bench_cases.split_provider(provider)[1] == "4k"):
+            return {}
+        limit = bench_peers.step(case, report.GATHER_LIMIT, g, dev)
+        limit()
+        own, lim = [], []
+        for _ in range(PAIRED_ROUNDS):
+            for f, ts in ((fn, own), (limit, lim)):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+        m_own, m_lim = statistics.median(own), statistics.median(lim)
+        return dict(paired_rounds=PAIRED_ROUNDS, paired_time_median_s=m_own, paired_limit_median_s=m_lim,
+                    paired_pct_of_embag=100.0 * m_lim / m_own)
 
 
 def gemm_dtype(case, provider):
