@@ -196,8 +196,7 @@ class BenchSession:
         the same bank: not the 4k-page variant): PAIRED_ROUNDS rounds of one ``fn`` call then one
         embedding_bag call over the op's rows, and the embedding_bag median as a percentage of
         fn's median over those rounds."""
-        if (report.GATHER_LIMIT not in bench_cases.PEERS.get(case.op, ())
-                or provider in (bench_cases.EAGER, bench_cases.COMPILE) or bench_cases.is_peer(provider)
+        if (report.GATHER_LIMIT not in bench_cases.PEERS.get(case.op, ()) or not provider.startswith("fused-")
                 or bench_cases.split_provider(provider)[1] == "4k"):
             return {}
         limit = bench_peers.step(case, report.GATHER_LIMIT, g, dev)
